@@ -1,0 +1,248 @@
+"""The configuration tree: loaded once (TOML file, then environment overrides, then CLI flags).
+
+Environment overrides (the documented list; nothing else is read from the environment):
+
+    FERRY_HOST, FERRY_PORT, FERRY_WORKERS          server.host / port / workers
+    FERRY_STATE_DIR, FERRY_RUNTIME_DIR             paths.state_dir / runtime_dir
+    FERRY_MODEL_REPOSITORY                         paths.model_repository
+    FERRY_DEVICES                                  engines.devices (comma separated)
+    FERRY_CONTROL_MODE                             repository.control_mode
+    FERRY_LOG_LEVEL, FERRY_LOG_FORMAT              logging.level / format
+    FERRY_AUTH_REQUIRED                            auth.required (1/0, true/false)
+
+Defaults are embedded so `ferry serve` runs with no file at all (state under ./var).
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from daemon.errors import ConfigError
+
+__all__ = ["ServerConfig", "PathsConfig", "EnginesConfig", "RepositoryConfig", "ShmConfig",
+           "AuthConfig", "LoggingConfig", "Config", "load_config", "ENV_OVERRIDES"]
+
+
+@dataclass(slots=True, frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 2
+    zmq_bind: str = ""              # "" → ipc://<runtime_dir>/ferry.zmq
+    max_body_mb: int = 64
+    request_timeout_s: float = 300.0
+    drain_grace_s: float = 30.0
+    cors_origins: tuple[str, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class PathsConfig:
+    state_dir: str = "var/state"
+    runtime_dir: str = "var/run"
+    model_repository: str = "var/models"
+
+
+@dataclass(slots=True, frozen=True)
+class EnginesConfig:
+    devices: tuple[str, ...] = ("auto",)
+    restart_backoff_s: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
+    threads: int = 0                # torch / ORT intra-op threads per engine; 0 = library default
+
+
+@dataclass(slots=True, frozen=True)
+class RepositoryConfig:
+    control_mode: str = "none"      # none | poll | explicit
+    poll_interval_s: float = 5.0
+    version_policy: str = "latest:1"   # latest:N | all | specific:1,3
+
+
+@dataclass(slots=True, frozen=True)
+class ShmConfig:
+    arena_mb: int = 256
+    inline_threshold_kb: int = 64
+
+
+@dataclass(slots=True, frozen=True)
+class AuthConfig:
+    required: bool = False
+    jwt_secret_file: str = ""
+    allow_ips: tuple[str, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "json"            # json | text
+    log_bodies: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    engines: EnginesConfig = field(default_factory=EnginesConfig)
+    repository: RepositoryConfig = field(default_factory=RepositoryConfig)
+    shm: ShmConfig = field(default_factory=ShmConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def runtime_dir(self) -> Path:
+        return Path(self.paths.runtime_dir).absolute()
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.paths.state_dir).absolute()
+
+    @property
+    def model_repository(self) -> Path:
+        return Path(self.paths.model_repository).absolute()
+
+    @property
+    def zmq_endpoint(self) -> str:
+        return self.server.zmq_bind or f"ipc://{self.runtime_dir}/ferry.zmq"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+ENV_OVERRIDES: dict[str, str] = {
+    "FERRY_HOST": "server.host",
+    "FERRY_PORT": "server.port",
+    "FERRY_WORKERS": "server.workers",
+    "FERRY_STATE_DIR": "paths.state_dir",
+    "FERRY_RUNTIME_DIR": "paths.runtime_dir",
+    "FERRY_MODEL_REPOSITORY": "paths.model_repository",
+    "FERRY_DEVICES": "engines.devices",
+    "FERRY_CONTROL_MODE": "repository.control_mode",
+    "FERRY_LOG_LEVEL": "logging.level",
+    "FERRY_LOG_FORMAT": "logging.format",
+    "FERRY_AUTH_REQUIRED": "auth.required",
+}
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert `value` to the type of the field's default, naming `key` on failure."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if isinstance(default, int):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if isinstance(default, tuple):
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
+                raise ValueError(value)
+            elem = default[0] if default else ""
+            return tuple(_coerce(key, v.strip() if isinstance(v, str) else v, elem)
+                         for v in items if v != "")
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"expected {type(default).__name__}, got {value!r}") from None
+    return value
+
+
+def _apply(tree: dict[str, dict[str, Any]], key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    tree.setdefault(section, {})[name] = value
+
+
+def _build(tree: Mapping[str, Any]) -> Config:
+    sections: dict[str, Any] = {}
+    for sname, values in tree.items():
+        if sname not in _SECTIONS:
+            raise ConfigError(sname, "unknown section")
+        if not isinstance(values, Mapping):
+            raise ConfigError(sname, "must be a table")
+        cls = type(getattr(Config(), sname))
+        defaults = cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for k, v in values.items():
+            if k not in known:
+                raise ConfigError(f"{sname}.{k}", "unknown key")
+            kwargs[k] = _coerce(f"{sname}.{k}", v, getattr(defaults, k))
+        sections[sname] = cls(**kwargs)
+    cfg = Config(**sections)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    s = cfg.server
+    if not 0 <= s.port <= 65535:
+        raise ConfigError("server.port", f"must be 0..65535, got {s.port}")
+    if not 1 <= s.workers <= 64:
+        raise ConfigError("server.workers", f"must be 1..64, got {s.workers}")
+    if s.max_body_mb < 1:
+        raise ConfigError("server.max_body_mb", "must be at least 1")
+    if s.drain_grace_s < 0:
+        raise ConfigError("server.drain_grace_s", "must be >= 0")
+    if cfg.repository.control_mode not in ("none", "poll", "explicit"):
+        raise ConfigError("repository.control_mode", "must be none, poll or explicit")
+    if cfg.repository.poll_interval_s <= 0:
+        raise ConfigError("repository.poll_interval_s", "must be > 0")
+    if cfg.shm.arena_mb < 1:
+        raise ConfigError("shm.arena_mb", "must be at least 1")
+    if cfg.logging.level.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise ConfigError("logging.level", "must be debug, info, warning, error or critical")
+    if cfg.logging.format not in ("json", "text"):
+        raise ConfigError("logging.format", "must be json or text")
+    for dev in cfg.engines.devices:
+        if dev not in ("auto", "cpu") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+            raise ConfigError("engines.devices", f"unknown device {dev!r} (auto, cpu, cuda:N)")
+    for cidr in cfg.auth.allow_ips:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError("auth.allow_ips", f"not a CIDR: {cidr!r}") from None
+
+
+def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """File, then environment, then `overrides` ({"server.port": 9000} from CLI flags)."""
+    tree: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("--config", f"file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"invalid TOML in {path}: {exc}") from None
+        for sname, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(sname, "must be a table")
+            tree[sname] = dict(values)
+    env = os.environ if env is None else env
+    for var, key in ENV_OVERRIDES.items():
+        if var in env:
+            _apply(tree, key, env[var])
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _apply(tree, key, value)
+    return _build(tree)

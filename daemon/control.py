@@ -1,0 +1,147 @@
+"""Operations the supervisor performs on request from frontends and the CLI (its control socket).
+
+    frontend_ready   a frontend is listening
+    index            repository index (Triton's /v2/repository/index)
+    load / unload    one model, every version the policy selects
+    register_region / unregister_region   client shared-memory regions, daemon-wide
+    reload           as SIGHUP
+    status           placement and engine states
+"""
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from daemon import protocol as P
+from daemon.errors import FerryError, InvalidInput, ModelNotFound
+from daemon.repository import NAME_RE, scan, select_versions
+
+if TYPE_CHECKING:
+    from daemon.supervisor import Supervisor
+
+__all__ = ["handle_control"]
+
+
+def _model_arg(args: dict[str, Any]) -> str:
+    name = args.get("model")
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise InvalidInput(f"invalid model name {name!r}", code="invalid_model_name",
+                           param="model")
+    return name
+
+
+async def _index(sup: Supervisor) -> dict[str, Any]:
+    rows = []
+    on_disk = scan(sup.cfg.model_repository)
+    seen = set()
+    for (name, version), mv in sorted(sup.models.items()):
+        seen.add((name, version))
+        row = {"name": name, "version": str(version), "state": mv.state.upper()
+               if mv.state != "ready" else "READY"}
+        if mv.error:
+            row["reason"] = mv.error
+        rows.append(row)
+    for name, versions in sorted(on_disk.items()):
+        for v in sorted(versions):
+            if (name, v) not in seen:
+                rows.append({"name": name, "version": str(v), "state": "UNAVAILABLE",
+                             "reason": "unloaded"})
+    return {"models": rows}
+
+
+async def _load(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
+    name = _model_arg(args)
+    versions = scan(sup.cfg.model_repository).get(name)
+    if not versions:
+        raise ModelNotFound(f"model {name!r} is not in the repository", param="model")
+    wanted = select_versions(versions, sup.cfg.repository.version_policy)
+    async with sup._lock:
+        loaded = []
+        for v, path in sorted(wanted.items()):
+            key = (name, v)
+            if key in sup.models and sup.models[key].state == "ready":
+                continue
+            if not await sup._load(name, v, path):
+                err = sup.models[key].error or "load failed"
+                del sup.models[key]
+                sup.publish()
+                raise FerryError(f"model {name!r} version {v} failed to load: {err}",
+                                 code="model_load_failed", status=422)
+            loaded.append(v)
+        stale = [k for k in sup.models if k[0] == name and k[1] not in wanted]
+        await sup._unload_many(stale)
+    return {"loaded": loaded, "unloaded": [v for _, v in stale]}
+
+
+async def _unload(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
+    name = _model_arg(args)
+    keys = [k for k in sup.models if k[0] == name]
+    if not keys:
+        raise ModelNotFound(f"model {name!r} is not loaded", param="model")
+    async with sup._lock:
+        await sup._unload_many(keys)
+    return {"unloaded": [v for _, v in keys]}
+
+
+async def _register_region(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
+    name, key = args.get("name"), args.get("key")
+    offset, nbytes = args.get("offset", 0), args.get("nbytes")
+    if not all(isinstance(x, str) for x in (name, key)) or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in (offset, nbytes)):
+        raise InvalidInput("region needs a name, key, offset and byte size",
+                           code="shm_bad_region")
+    if name in sup.regions:
+        raise InvalidInput(f"region {name!r} is already registered", code="shm_region_exists")
+    done = []
+    try:
+        for eid in sup._alive_engines():
+            await sup.engine_call(eid, P.RegisterRegion(uuid.uuid4().hex, name, key, offset,
+                                                        nbytes), timeout_s=10)
+            done.append(eid)
+    except FerryError:
+        for eid in done:
+            await sup.engine_call(eid, P.UnregisterRegion(uuid.uuid4().hex, name), timeout_s=10)
+        raise
+    sup.regions[name] = {"name": name, "key": key, "offset": offset, "nbytes": nbytes}
+    sup.publish()
+    return {}
+
+
+async def _unregister_region(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
+    name = args.get("name")
+    names = list(sup.regions) if name is None else [name]
+    if name is not None and name not in sup.regions:
+        raise InvalidInput(f"region {name!r} is not registered", code="shm_unknown_region")
+    for n in names:
+        del sup.regions[n]
+        for eid in sup._alive_engines():
+            try:
+                await sup.engine_call(eid, P.UnregisterRegion(uuid.uuid4().hex, n), timeout_s=10)
+            except FerryError:
+                pass   # a restarted engine never mapped it
+    sup.publish()
+    return {}
+
+
+async def handle_control(sup: Supervisor, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    if op == "frontend_ready":
+        sup.frontends_ready.add(str(args.get("role")))
+        return {}
+    if op == "index":
+        return await _index(sup)
+    if op == "load":
+        return await _load(sup, args)
+    if op == "unload":
+        return await _unload(sup, args)
+    if op == "register_region":
+        return await _register_region(sup, args)
+    if op == "unregister_region":
+        return await _unregister_region(sup, args)
+    if op == "reload":
+        await sup.reload()
+        return {}
+    if op == "status":
+        pl = sup.placement()
+        return {"state": pl.state, "engines": pl.engines, "models": pl.models,
+                "regions": pl.regions}
+    raise InvalidInput(f"unknown control operation {op!r}", code="unknown_operation")

@@ -1,0 +1,485 @@
+"""`ferry serve`: the supervisor. Starts engines and frontends, loads models, publishes
+placement, restarts what dies, tells systemd how it is going, and drains on SIGTERM.
+
+It never sits on the data path: frontends talk to engines directly.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from daemon import protocol as P
+from daemon.children import Child, backoff_for, reap, spawn, stop_all
+from daemon.config import Config
+from daemon.devices import discover_devices
+from daemon.errors import FerryError, InvalidInput, error_from_wire
+from daemon.notify import Notifier
+from daemon.repository import scan, select_versions
+from daemon.shm import reclaim, reclaim_orphans
+
+__all__ = ["Supervisor", "ModelVersion"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ModelVersion:
+    name: str
+    version: int
+    path: Path
+    state: str = "loading"          # loading | ready | draining | failed
+    engines: list[str] = field(default_factory=list)
+    info: dict[str, Any] | None = None
+    sha256: str | None = None
+    engine_kind: str = ""
+    error: str | None = None
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, config_path: str | None = None) -> None:
+        self.cfg, self.config_path = cfg, config_path
+        self.instance = secrets.token_hex(3)
+        self.rt = cfg.runtime_dir
+        self.ctx = zmq.asyncio.Context()
+        self.engines: dict[str, Child] = {}
+        self.frontends: dict[str, Child] = {}
+        self.models: dict[tuple[str, int], ModelVersion] = {}
+        self.regions: dict[str, dict[str, Any]] = {}
+        self.epoch = 0
+        self.state = "starting"
+        self.notifier = Notifier.from_env()
+        self.stop_event = asyncio.Event()
+        self.reload_event = asyncio.Event()
+        self.frontends_ready: set[str] = set()
+        self._links: dict[str, zmq.asyncio.Socket] = {}
+        self._replies: dict[str, asyncio.Future] = {}
+        self._pub: zmq.asyncio.Socket | None = None
+        self._lock = asyncio.Lock()
+
+    # -- endpoints ---------------------------------------------------------------------------
+    def _ipc(self, name: str) -> str:
+        return f"ipc://{self.rt}/{name}"
+
+    @property
+    def placement_endpoint(self) -> str:
+        return self._ipc("placement.sock")
+
+    @property
+    def control_endpoint(self) -> str:
+        return self._ipc("control.sock")
+
+    # -- start -------------------------------------------------------------------------------
+    async def run(self) -> int:
+        self.rt.mkdir(parents=True, exist_ok=True, mode=0o700)
+        stale = reclaim_orphans()
+        if stale:
+            log.warning("removed %d shared-memory segment(s) left by dead processes", len(stale))
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if len(self.placement_endpoint) > 100:
+            raise FerryError(f"runtime directory path {self.rt} is too long for ipc sockets",
+                             code="config_error")
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_event.set)
+        self._pub = self.ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._pub.bind(self.placement_endpoint)
+        control = self.ctx.socket(zmq.ROUTER)
+        control.setsockopt(zmq.LINGER, 0)
+        control.bind(self.control_endpoint)
+        tasks = [asyncio.create_task(self._control_loop(control)),
+                 asyncio.create_task(self._publish_loop())]
+        try:
+            self.notifier.status("starting engines")
+            await self._start_engines()
+            self.notifier.status("loading models")
+            await self.apply_repository()
+            self.notifier.status("starting frontends")
+            self._start_frontends()
+            tasks.append(asyncio.create_task(self._watch_loop()))
+            tasks.append(asyncio.create_task(self._watchdog_loop()))
+            await self._wait_frontends_ready()
+            self._set_state("ready")
+            self.notifier.ready(self._status_line())
+            log.info("ferry ready: %s", self._status_line())
+            while not self.stop_event.is_set():
+                reload_wait = asyncio.create_task(self.reload_event.wait())
+                stop_wait = asyncio.create_task(self.stop_event.wait())
+                await asyncio.wait({reload_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                reload_wait.cancel()
+                stop_wait.cancel()
+                if self.reload_event.is_set() and not self.stop_event.is_set():
+                    self.reload_event.clear()
+                    await self.reload()
+            return await self.drain()
+        finally:
+            for t in tasks:
+                t.cancel()
+            self._shutdown_children(5.0)
+            control.close(0)
+            self._pub.close(0)
+            for sock in self._links.values():
+                sock.close(0)
+            self.ctx.destroy(linger=0)
+            self._cleanup_runtime()
+
+    async def _start_engines(self) -> None:
+        devices = discover_devices(self.cfg.engines.devices)
+        for dev in devices:
+            eid = dev.replace(":", "")
+            child = Child(f"engine-{eid}", "engine", {
+                "engine_id": eid, "device": dev, "endpoint": self._ipc(f"engine-{eid}.sock"),
+                "instance": self.instance, "arena_mb": self.cfg.shm.arena_mb,
+                "inline_threshold": self.cfg.shm.inline_threshold_kb << 10,
+                "threads": self.cfg.engines.threads, "parent_pid": os.getpid(),
+                "log_level": self.cfg.logging.level, "log_format": self.cfg.logging.format})
+            child.meta["alive"] = False
+            self.engines[eid] = child
+            spawn(child, self.instance)
+        await asyncio.gather(*(self._await_engine(eid) for eid in self.engines))
+        for child in self.engines.values():
+            child.meta["alive"] = True
+
+    async def _await_engine(self, eid: str, timeout_s: float = 60.0) -> None:
+        """Connect a fresh control link and wait until the engine answers."""
+        old = self._links.pop(eid, None)
+        if old is not None:
+            old.close(0)
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.engines[eid].args["endpoint"])
+        self._links[eid] = sock
+        asyncio.create_task(self._engine_recv(eid, sock))
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                await self.engine_call(eid, P.StatsQuery(uuid.uuid4().hex), timeout_s=1.0)
+                return
+            except (asyncio.TimeoutError, FerryError):
+                if time.monotonic() > deadline or not self.engines[eid].running():
+                    raise FerryError(f"engine {eid} did not start", code="engine_start_failed")
+
+    async def _engine_recv(self, eid: str, sock: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                msg, _ = P.decode(await sock.recv_multipart())
+                fut = self._replies.pop(getattr(msg, "id", ""), None)
+                if fut is None or fut.done():
+                    continue
+                if isinstance(msg, P.ErrorReply):
+                    fut.set_exception(error_from_wire({"status": msg.status, "code": msg.code,
+                                                       "message": msg.message}))
+                else:
+                    fut.set_result(msg)
+        except (asyncio.CancelledError, zmq.ZMQError):
+            return
+
+    async def engine_call(self, eid: str, msg: P.Message, timeout_s: float = 300.0) -> P.Message:
+        sock = self._links[eid]
+        fut = asyncio.get_running_loop().create_future()
+        self._replies[msg.id] = fut  # type: ignore[attr-defined]
+        try:
+            await sock.send_multipart(P.encode(msg))
+            return await asyncio.wait_for(fut, timeout_s)
+        finally:
+            self._replies.pop(msg.id, None)  # type: ignore[attr-defined]
+
+    def _frontend_args(self, **extra: Any) -> dict[str, Any]:
+        s = self.cfg.server
+        return {"instance": self.instance, "placement": self.placement_endpoint,
+                "control": self.control_endpoint, "arena_mb": max(16, self.cfg.shm.arena_mb // 4),
+                "inline_threshold": self.cfg.shm.inline_threshold_kb << 10,
+                "parent_pid": os.getpid(), "log_level": self.cfg.logging.level,
+                "log_format": self.cfg.logging.format, "request_timeout_s": s.request_timeout_s,
+                "drain_grace_s": s.drain_grace_s, "max_body": s.max_body_mb << 20,
+                "state_dir": str(self.cfg.state_dir), "auth": {
+                    "required": self.cfg.auth.required, "allow_ips": list(self.cfg.auth.allow_ips),
+                    "jwt_secret_file": self.cfg.auth.jwt_secret_file},
+                "cors_origins": list(s.cors_origins), "log_bodies": self.cfg.logging.log_bodies,
+                **extra}
+
+    def _check_port_free(self) -> None:
+        """Workers bind with SO_REUSEPORT, which would silently share the port with another
+        daemon; a plain bind first makes a port in use a clear start-up error."""
+        import socket
+        host, port = self.cfg.server.host, self.cfg.server.port
+        probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise FerryError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                             code="port_in_use") from None
+        finally:
+            probe.close()
+
+    def _start_frontends(self) -> None:
+        s = self.cfg.server
+        self._check_port_free()
+        for w in range(s.workers):
+            child = Child(f"http{w}", "http", self._frontend_args(worker=w, host=s.host,
+                                                                  port=s.port))
+            self.frontends[child.name] = child
+        zmq_child = Child("zmq", "zmq", self._frontend_args(bind=self.cfg.zmq_endpoint))
+        self.frontends["zmq"] = zmq_child
+        for child in self.frontends.values():
+            spawn(child, self.instance)
+
+    async def _wait_frontends_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while set(self.frontends) - self.frontends_ready:
+            dead = [c.name for c in self.frontends.values() if not c.running()]
+            if dead or time.monotonic() > deadline:
+                raise FerryError(f"frontend(s) failed to start: {dead or 'timeout'}",
+                                 code="frontend_start_failed")
+            await asyncio.sleep(0.05)
+
+    # -- models ------------------------------------------------------------------------------
+    def _alive_engines(self) -> list[str]:
+        return [eid for eid, c in self.engines.items() if c.meta.get("alive")]
+
+    async def apply_repository(self) -> dict[str, Any]:
+        """Load what the repository and version policy want; drain and unload the rest.
+
+        New versions load and warm before old ones drain, so traffic never lacks a version.
+        """
+        async with self._lock:
+            wanted: dict[tuple[str, int], Path] = {}
+            for name, versions in scan(self.cfg.model_repository).items():
+                for v, path in select_versions(versions, self.cfg.repository.version_policy).items():
+                    wanted[(name, v)] = path
+            if self.cfg.repository.control_mode == "explicit" and self.state != "starting":
+                wanted = {k: p for k, p in wanted.items() if k in self.models}
+            loads = [k for k in wanted if k not in self.models or self.models[k].state == "failed"]
+            results = await asyncio.gather(*(self._load(k[0], k[1], wanted[k]) for k in loads))
+            stale = [k for k in self.models if k not in wanted]
+            await self._unload_many(stale)
+            return {"loaded": [f"{n}:{v}" for (n, v), ok in zip(loads, results) if ok],
+                    "unloaded": [f"{n}:{v}" for n, v in stale]}
+
+    async def _load(self, name: str, version: int, path: Path) -> bool:
+        from daemon.repository_spec import load_spec
+        mv = ModelVersion(name, version, path)
+        self.models[(name, version)] = mv
+        try:
+            spec = load_spec(path, name, version)
+            mv.sha256, mv.engine_kind = spec.sha256, spec.engine
+            targets = self._alive_engines()
+            replies = await asyncio.gather(*(self.engine_call(
+                eid, P.Load(uuid.uuid4().hex, name, version, str(path))) for eid in targets))
+        except FerryError as exc:
+            mv.state, mv.error = "failed", exc.message
+            log.error("model %s v%d failed to load: %s", name, version, exc.message)
+            self.publish()
+            return False
+        mv.engines, mv.info = targets, replies[0].info  # type: ignore[attr-defined]
+        mv.state = "ready"
+        log.info("model %s v%d ready on %s", name, version, ",".join(targets))
+        self.publish()
+        return True
+
+    async def _unload_many(self, keys: list[tuple[str, int]]) -> None:
+        if not keys:
+            return
+        for k in keys:
+            self.models[k].state = "draining"
+        self.publish()
+        # Frontends must see "draining" before the engine stops taking the version.
+        await asyncio.sleep(0.5)
+        await asyncio.gather(*(self._unload(k) for k in keys))
+
+    async def _unload(self, key: tuple[str, int]) -> None:
+        mv = self.models[key]
+        for eid in mv.engines:
+            if self.engines[eid].meta.get("alive"):
+                try:
+                    await self.engine_call(eid, P.Unload(uuid.uuid4().hex, *key))
+                except FerryError as exc:
+                    log.warning("unload of %s v%d on %s: %s", *key, eid, exc.message)
+        del self.models[key]
+        self.publish()
+
+    # -- placement ---------------------------------------------------------------------------
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.publish()
+
+    def placement(self) -> P.Placement:
+        engines = {eid: {"endpoint": c.args["endpoint"], "device": c.args["device"],
+                         "generation": c.generation, "alive": bool(c.meta.get("alive")),
+                         "pid": c.pid, "restarts": c.restarts}
+                   for eid, c in self.engines.items()}
+        models: dict[str, Any] = {}
+        for (name, version), mv in sorted(self.models.items()):
+            entry = models.setdefault(name, {"versions": {}})
+            entry["versions"][str(version)] = {
+                "engines": mv.engines, "info": mv.info, "sha256": mv.sha256, "state": mv.state,
+                "engine": mv.engine_kind, "error": mv.error, "path": str(mv.path)}
+        return P.Placement(self.epoch, engines, models, self.state,
+                           regions=list(self.regions.values()))
+
+    def publish(self) -> None:
+        self.epoch += 1
+        if self._pub is not None:
+            self._pub.send_multipart(P.encode(self.placement()))
+
+    async def _publish_loop(self) -> None:
+        while True:   # late subscribers (restarted frontends) catch up within this period
+            await asyncio.sleep(0.5)
+            if self._pub is not None:
+                self._pub.send_multipart(P.encode(self.placement()))
+
+    def _status_line(self) -> str:
+        ready = sum(1 for m in self.models.values() if m.state == "ready")
+        alive = len(self._alive_engines())
+        return (f"{self.state}: {ready} model version(s) ready, {alive}/{len(self.engines)} "
+                f"engine(s) up")
+
+    # -- watching ----------------------------------------------------------------------------
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            for eid, child in self.engines.items():
+                if child.restart_at is None:
+                    code = reap(child, self.instance)
+                    if code is not None:
+                        self._engine_died(eid, child, code)
+                elif time.monotonic() >= child.restart_at and self.state != "draining":
+                    asyncio.create_task(self._restart_engine(eid, child))
+                    child.restart_at = float("inf")
+            for child in self.frontends.values():
+                if child.restart_at is None:
+                    code = reap(child, self.instance)
+                    if code is not None and self.state != "draining":
+                        log.error("%s exited with %s; restarting", child.name, code)
+                        child.restarts += 1
+                        child.restart_at = time.monotonic() + backoff_for(
+                            child, self.cfg.engines.restart_backoff_s)
+                elif time.monotonic() >= child.restart_at and self.state != "draining":
+                    spawn(child, self.instance)
+
+    def _engine_died(self, eid: str, child: Child, code: int) -> None:
+        if self.state == "draining":
+            return
+        log.error("engine %s exited with %s; restarting", eid, code)
+        child.meta["alive"] = False
+        child.restarts += 1
+        child.restart_at = time.monotonic() + backoff_for(child, self.cfg.engines.restart_backoff_s)
+        self._set_state("degraded")
+        self.publish()
+        self.notifier.status(self._status_line())
+
+    async def _restart_engine(self, eid: str, child: Child) -> None:
+        spawn(child, self.instance)
+        try:
+            await self._await_engine(eid)
+            for region in self.regions.values():
+                await self.engine_call(eid, P.RegisterRegion(uuid.uuid4().hex, region["name"],
+                                                             region["key"], region["offset"],
+                                                             region["nbytes"]))
+            for mv in list(self.models.values()):
+                if eid in mv.engines:
+                    await self.engine_call(eid, P.Load(uuid.uuid4().hex, mv.name, mv.version,
+                                                       str(mv.path)))
+        except FerryError as exc:
+            log.error("engine %s failed to come back: %s", eid, exc.message)
+            child.signal(signal.SIGKILL)
+            return   # the watch loop sees it die and schedules another restart
+        child.meta["alive"] = True
+        child.restart_at = None
+        if all(c.meta.get("alive") for c in self.engines.values()):
+            self._set_state("ready")
+        self.publish()
+        self.notifier.status(self._status_line())
+        log.info("engine %s is back (generation %d)", eid, child.generation)
+
+    async def _watchdog_loop(self) -> None:
+        """WATCHDOG=1 only while every live engine answers: a hung engine stops the pings."""
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.gather(*(self.engine_call(eid, P.StatsQuery(uuid.uuid4().hex),
+                                                        timeout_s=interval)
+                                       for eid in self._alive_engines()))
+            except (asyncio.TimeoutError, FerryError):
+                log.error("an engine did not answer its health check")
+                continue
+            self.notifier.watchdog()
+
+    # -- reload / drain ----------------------------------------------------------------------
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config file and the repository, without dropping requests."""
+        self.notifier.reloading()
+        from daemon.config import load_config
+        try:
+            if self.config_path:
+                new = load_config(self.config_path)
+                self.cfg = new
+            result = await self.apply_repository()
+            log.info("reloaded: %s", result)
+        except Exception as exc:   # a bad reload keeps the running configuration
+            log.error("reload failed, keeping the running configuration: %s", exc)
+        self.notifier.ready(self._status_line())
+
+    async def drain(self) -> int:
+        grace = self.cfg.server.drain_grace_s
+        log.info("draining (grace %.1f s)", grace)
+        self.notifier.stopping()
+        self._set_state("draining")
+        fronts = list(self.frontends.values())
+        await asyncio.get_running_loop().run_in_executor(
+            None, stop_all, fronts, self.instance, grace + 5.0)
+        await asyncio.get_running_loop().run_in_executor(
+            None, stop_all, list(self.engines.values()), self.instance, 10.0)
+        return 0
+
+    def _shutdown_children(self, timeout_s: float) -> None:
+        stop_all([*self.frontends.values(), *self.engines.values()], self.instance, timeout_s)
+        reclaim(self.instance)
+
+    def _cleanup_runtime(self) -> None:
+        for name in ["placement.sock", "control.sock", "ferry.zmq",
+                     *(f"engine-{eid}.sock" for eid in self.engines)]:
+            try:
+                (self.rt / name).unlink()
+            except FileNotFoundError:
+                pass
+
+    # -- control -----------------------------------------------------------------------------
+    async def _control_loop(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            identity, *frames = await sock.recv_multipart()
+            asyncio.create_task(self._control_one(sock, identity, frames))
+
+    async def _control_one(self, sock: zmq.asyncio.Socket, identity: bytes,
+                           frames: list[bytes]) -> None:
+        msg_id = ""
+        try:
+            msg, _ = P.decode(frames)
+            if not isinstance(msg, P.Control):
+                raise InvalidInput("expected a control message", code="bad_message")
+            msg_id = msg.id
+            result = await self.control(msg.op, msg.args)
+            reply = P.ControlReply(msg_id, True, result)
+        except FerryError as exc:
+            reply = P.ControlReply(msg_id, False, error=exc.to_wire())
+        await sock.send_multipart([identity, *P.encode(reply)])
+
+    async def control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        from daemon.control import handle_control
+        return await handle_control(self, op, args)

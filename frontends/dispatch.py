@@ -1,0 +1,458 @@
+"""The frontends' road to the engines: routing by placement, requests in flight, and replay.
+
+Each frontend process talks to every engine directly (DEALER → engine ROUTER over ipc://), with
+no broker hop. The supervisor publishes `Placement` on a PUB socket; when an engine's generation
+changes (it died and was restarted) the link is rebuilt and every request it held is sent again,
+unless it is a stream that already delivered tokens (that one ends with a clear error). A request
+id is answered at most once: replies for ids no longer in flight are dropped.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from daemon import protocol as P
+from daemon.errors import (EngineDied, FerryError, ModelNotFound, ModelUnavailable,
+                           error_from_wire)
+from daemon.shm import Arena, RegionMap
+from frontends.tensor_io import Packed, pack, unpack
+
+__all__ = ["Dispatcher", "InferOutcome", "Stream"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class InferOutcome:
+    arrays: dict[str, np.ndarray]
+    meta: P.InferResult
+    model: str
+    version: int
+    _release: Any = None
+
+    def release(self) -> None:
+        """Return engine-arena blocks; call once the arrays have been read or copied."""
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+
+@dataclass(slots=True)
+class _Req:
+    id: str
+    engine: str
+    key: tuple[str, int]
+    msg: P.Message
+    buffers: list[Any]
+    packed: Packed | None
+    future: asyncio.Future | None = None
+    queue: asyncio.Queue | None = None
+    tokens_seen: int = 0
+
+
+@dataclass(slots=True)
+class _Link:
+    engine: str
+    endpoint: str
+    generation: int
+    alive: bool
+    sock: zmq.asyncio.Socket | None = None
+    task: asyncio.Task | None = None
+    frees: list[P.ShmLoc] = field(default_factory=list)
+    outstanding: int = 0
+
+
+class Stream:
+    """Async iterator over `Tokens` messages of one generation; `cancel()` stops it."""
+
+    def __init__(self, dispatcher: Dispatcher, req: _Req) -> None:
+        self._d, self._req = dispatcher, req
+        self.id = req.id
+        self.done = False
+
+    def __aiter__(self) -> AsyncIterator[P.Tokens]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[P.Tokens]:
+        assert self._req.queue is not None
+        while not self.done:
+            item = await self._req.queue.get()
+            if isinstance(item, FerryError):
+                self.done = True
+                raise item
+            if item.finished:
+                self.done = True
+            yield item
+
+    async def cancel(self) -> None:
+        if not self.done:
+            self.done = True
+            await self._d.cancel(self._req.id)
+
+
+class Dispatcher:
+    def __init__(self, ctx: zmq.asyncio.Context, *, placement_endpoint: str,
+                 control_endpoint: str, arena: Arena | None, regions: RegionMap,
+                 instance: str, inline_threshold: int) -> None:
+        self.ctx = ctx
+        self.placement_endpoint, self.control_endpoint = placement_endpoint, control_endpoint
+        self.arena, self.regions, self.inline_threshold = arena, regions, inline_threshold
+        self.engine_prefix = f"ferry-{instance}-eng"
+        self.placement: P.Placement | None = None
+        self.placement_changed = asyncio.Event()
+        self.links: dict[str, _Link] = {}
+        self.inflight: dict[str, _Req] = {}
+        self.replies: dict[str, asyncio.Future] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._sha_index: dict[str, tuple[str, int]] = {}
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self, wait_s: float = 30.0) -> None:
+        sub = self.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(self.placement_endpoint)
+        self._tasks.append(asyncio.create_task(self._placement_loop(sub)))
+        self._tasks.append(asyncio.create_task(self._free_loop()))
+        deadline = time.monotonic() + wait_s
+        while self.placement is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("no placement from the supervisor")
+            self.placement_changed.clear()
+            try:
+                await asyncio.wait_for(self.placement_changed.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for link in self.links.values():
+            self._drop_link(link)
+        for req in list(self.inflight.values()):
+            self._fail(req, EngineDied("frontend shutting down"))
+
+    # -- placement --------------------------------------------------------------------------
+    async def _placement_loop(self, sub: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                frames = await sub.recv_multipart()
+                try:
+                    msg, _ = P.decode(frames)
+                except FerryError:
+                    log.warning("ignoring a malformed placement message")
+                    continue
+                if isinstance(msg, P.Placement) and (
+                        self.placement is None or msg.epoch >= self.placement.epoch):
+                    self._apply_placement(msg)
+        finally:
+            sub.close(0)
+
+    def _apply_placement(self, msg: P.Placement) -> None:
+        self.placement = msg
+        index: dict[str, tuple[str, int]] = {}
+        for name, m in msg.models.items():
+            for ver, v in m.get("versions", {}).items():
+                if v.get("sha256"):
+                    index[v["sha256"]] = (name, int(ver))
+        self._sha_index = index
+        self._sync_regions(msg.regions)
+        for eid, e in msg.engines.items():
+            link = self.links.get(eid)
+            if link is None or link.generation != e["generation"]:
+                if link is not None:
+                    self._drop_link(link)
+                link = _Link(eid, e["endpoint"], e["generation"], False)
+                self.links[eid] = link
+            if e["alive"] and not link.alive:
+                self._open_link(link)
+                self._replay(link)
+            link.alive = bool(e["alive"])
+        self.placement_changed.set()
+
+    def _open_link(self, link: _Link) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(link.endpoint)
+        link.sock = sock
+        link.alive = True
+        link.task = asyncio.create_task(self._recv_loop(link))
+
+    def _drop_link(self, link: _Link) -> None:
+        if link.task is not None:
+            link.task.cancel()
+        if link.sock is not None:
+            link.sock.close(0)
+        link.sock, link.task, link.alive = None, None, False
+        link.frees.clear()   # the dead engine's arena was reclaimed with it
+
+    def _replay(self, link: _Link) -> None:
+        for req in list(self.inflight.values()):
+            if req.engine != link.engine:
+                continue
+            if req.tokens_seen:
+                self._fail(req, EngineDied("the engine restarted after this stream began; "
+                                           "partial output was delivered"))
+                continue
+            log.info("replaying request %s on restarted engine %s", req.id, link.engine)
+            self._send(link, req)
+
+    # -- model resolution --------------------------------------------------------------------
+    def resolve(self, model: str, version: int | None = None) -> tuple[str, int, dict]:
+        """(name, version, info) for a model name or SHA-256 id; version None → latest."""
+        pl = self.placement
+        if pl is None:
+            raise ModelUnavailable("the daemon is starting")
+        if model not in pl.models and model in self._sha_index:
+            model, sha_ver = self._sha_index[model]
+            version = sha_ver if version is None else version
+        entry = pl.models.get(model)
+        if entry is None:
+            raise ModelNotFound(f"model {model!r} is not known", param="model")
+        versions = entry.get("versions", {})
+        if version is None:
+            ready = [int(v) for v, d in versions.items() if d.get("state") == "ready"]
+            if not ready:
+                raise ModelUnavailable(f"model {model!r} has no ready version")
+            version = max(ready)
+        v = versions.get(str(version))
+        if v is None:
+            raise ModelNotFound(f"model {model!r} has no version {version}", param="version")
+        if v.get("state") != "ready":
+            raise ModelUnavailable(f"model {model!r} version {version} is {v.get('state')}")
+        return model, version, v["info"]
+
+    def _pick_engine(self, key: tuple[str, int]) -> _Link:
+        assert self.placement is not None
+        v = self.placement.models[key[0]]["versions"][str(key[1])]
+        candidates = [self.links[e] for e in v.get("engines", []) if e in self.links]
+        if not candidates:
+            raise ModelUnavailable(f"no engine hosts {key[0]!r} version {key[1]}")
+        alive = [l for l in candidates if l.alive]
+        pool = alive or candidates      # a restarting engine still takes requests: they wait
+        return min(pool, key=lambda l: l.outstanding)
+
+    # -- requests -----------------------------------------------------------------------------
+    def _send(self, link: _Link, req: _Req) -> None:
+        if link.sock is None or not link.alive:
+            return   # sent on replay when the engine is back
+        carries_frees = bool(link.frees) and hasattr(req.msg, "frees")
+        if carries_frees:
+            req.msg.frees, link.frees = link.frees, []  # type: ignore[attr-defined]
+        frames = P.encode(req.msg, req.buffers)
+        if carries_frees:
+            req.msg.frees = []  # type: ignore[attr-defined]   # a replay must not free twice
+        link.sock.send_multipart(frames, copy=False)
+
+    def _register(self, req: _Req) -> None:
+        self.inflight[req.id] = req
+        link = self.links[req.engine]
+        link.outstanding += 1
+        self._send(link, req)
+
+    def _finish(self, req: _Req) -> None:
+        if self.inflight.pop(req.id, None) is None:
+            return
+        link = self.links.get(req.engine)
+        if link is not None:
+            link.outstanding -= 1
+        if req.packed is not None and self.arena is not None:
+            for loc in req.packed.blocks:
+                self.arena.free(loc.offset)
+            req.packed.blocks.clear()
+
+    def _fail(self, req: _Req, exc: FerryError) -> None:
+        self._finish(req)
+        if req.future is not None and not req.future.done():
+            req.future.set_exception(exc)
+        if req.queue is not None:
+            req.queue.put_nowait(exc)
+
+    async def infer(self, model: str, version: int | None, arrays: dict[str, np.ndarray], *,
+                    outputs: list[str] | None = None, timeout_s: float | None = None,
+                    request_id: str = "", region_refs: list[P.TensorRef] = (),  # type: ignore[assignment]
+                    out_shm: dict[str, P.ShmLoc] | None = None) -> InferOutcome:
+        name, ver, _info = self.resolve(model, version)
+        link = self._pick_engine((name, ver))
+        packed = pack(arrays, self.arena, self.inline_threshold, list(region_refs))
+        rid = uuid.uuid4().hex
+        msg = P.Infer(rid, name, ver, packed.refs, outputs,
+                      int(timeout_s * 1000) if timeout_s else 0, out_shm, request_id)
+        req = _Req(rid, link.engine, (name, ver), msg, packed.frames, packed,
+                   future=asyncio.get_running_loop().create_future())
+        self._register(req)
+        try:
+            result, buffers = await asyncio.wait_for(req.future, timeout_s and timeout_s + 5)
+        except asyncio.TimeoutError:
+            self._finish(req)
+            await self.cancel(rid)
+            raise FerryError(f"no reply from engine {link.engine} in time",
+                             code="deadline_exceeded", status=504) from None
+        except asyncio.CancelledError:
+            self._finish(req)
+            raise
+        arrays_out, frees = unpack(result.outputs, buffers, self.regions, self.engine_prefix)
+        engine = req.engine
+
+        def release() -> None:
+            lk = self.links.get(engine)
+            if lk is not None and lk.alive:
+                lk.frees.extend(frees)
+        return InferOutcome(arrays_out, result, name, ver, release if frees else None)
+
+    async def generate(self, model: str, version: int | None, prompt_ids: list[int],
+                       params: dict[str, Any], request_id: str = "") -> Stream:
+        name, ver, _info = self.resolve(model, version)
+        link = self._pick_engine((name, ver))
+        prompt = np.asarray(prompt_ids, dtype=np.int32)
+        rid = uuid.uuid4().hex
+        ref = P.TensorRef("prompt", "int32", (len(prompt_ids),), frame=0)
+        msg = P.Generate(rid, name, ver, [ref], params, request_id)
+        req = _Req(rid, link.engine, (name, ver), msg, [prompt], None, queue=asyncio.Queue())
+        self._register(req)
+        return Stream(self, req)
+
+    async def cancel(self, rid: str) -> None:
+        req = self.inflight.get(rid)
+        if req is None:
+            return
+        link = self.links.get(req.engine)
+        self._fail(req, FerryError("cancelled", code="cancelled", status=499))
+        if link is not None and link.sock is not None and link.alive:
+            await link.sock.send_multipart(P.encode(P.Cancel(rid)))
+
+    # -- engine-level calls (stats, regions) ---------------------------------------------------
+    async def call_engine(self, engine: str, msg: P.Message, timeout_s: float = 5.0) -> P.Message:
+        link = self.links.get(engine)
+        if link is None or link.sock is None or not link.alive:
+            raise EngineDied(f"engine {engine} is not available")
+        fut = asyncio.get_running_loop().create_future()
+        self.replies[msg.id] = fut  # type: ignore[attr-defined]
+        try:
+            await link.sock.send_multipart(P.encode(msg))
+            return await asyncio.wait_for(fut, timeout_s)
+        finally:
+            self.replies.pop(msg.id, None)  # type: ignore[attr-defined]
+
+    async def engine_stats(self) -> list[dict[str, Any]]:
+        out = []
+        for eid, link in list(self.links.items()):
+            if link.alive:
+                reply = await self.call_engine(eid, P.StatsQuery(uuid.uuid4().hex))
+                out.append(reply.stats)  # type: ignore[attr-defined]
+        return out
+
+    async def register_region(self, name: str, key: str, offset: int, nbytes: int) -> None:
+        """Register a client region daemon-wide: the supervisor keeps the registry, maps it in
+        every engine and publishes it, so every frontend process sees it."""
+        await self.control("register_region", {"name": name, "key": key, "offset": offset,
+                                                "nbytes": nbytes})
+        await self._await_regions(lambda names: name in names)
+
+    async def unregister_region(self, name: str | None) -> None:
+        """Drop one region (or all, for None) everywhere."""
+        await self.control("unregister_region", {"name": name})
+        await self._await_regions(lambda names: name not in names if name else not names)
+
+    async def _await_regions(self, cond: Any, timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not cond({r["name"] for r in self.placement.regions}):  # type: ignore[union-attr]
+            self.placement_changed.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self.placement_changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _sync_regions(self, published: list[dict[str, Any]]) -> None:
+        want = {r["name"]: r for r in published}
+        have = {r["name"] for r in self.regions.status()}
+        for name in have - want.keys():
+            self.regions.unregister(name)
+        for name in want.keys() - have:
+            r = want[name]
+            try:
+                self.regions.register(name, r["key"], r["offset"], r["nbytes"])
+            except FerryError as exc:
+                log.warning("cannot map published region %s: %s", name, exc.message)
+
+    async def control(self, op: str, args: dict[str, Any] | None = None,
+                      timeout_s: float = 120.0) -> dict[str, Any]:
+        """Ask the supervisor (repository load/unload, index, reload)."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.control_endpoint)
+        try:
+            await sock.send_multipart(P.encode(P.Control(uuid.uuid4().hex, op, args or {})))
+            if not await sock.poll(int(timeout_s * 1000)):
+                raise FerryError("the supervisor did not answer", code="supervisor_timeout",
+                                 status=504)
+            reply, _ = P.decode(await sock.recv_multipart())
+        finally:
+            sock.close(0)
+        if not isinstance(reply, P.ControlReply):
+            raise FerryError("unexpected reply from the supervisor", code="internal_error")
+        if not reply.ok:
+            raise error_from_wire(reply.error or {})
+        return reply.result
+
+    # -- replies ------------------------------------------------------------------------------
+    async def _recv_loop(self, link: _Link) -> None:
+        assert link.sock is not None
+        sock = link.sock
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            try:
+                msg, buffers = P.decode(frames)
+            except FerryError as exc:
+                log.error("malformed reply from engine %s: %s", link.engine, exc.message)
+                continue
+            self._on_reply(msg, buffers)
+
+    def _on_reply(self, msg: P.Message, buffers: list[Any]) -> None:
+        rid = getattr(msg, "id", "")
+        fut = self.replies.get(rid)
+        if fut is not None:
+            if isinstance(msg, P.ErrorReply):
+                fut.set_exception(error_from_wire(_err_dict(msg)))
+            elif not fut.done():
+                fut.set_result(msg)
+            return
+        req = self.inflight.get(rid)
+        if req is None:
+            return   # answered already (cancelled, timed out, or replayed): never twice
+        if isinstance(msg, P.ErrorReply):
+            self._fail(req, error_from_wire(_err_dict(msg)))
+        elif isinstance(msg, P.InferResult) and req.future is not None:
+            self._finish(req)
+            if not req.future.done():
+                req.future.set_result((msg, buffers))
+        elif isinstance(msg, P.Tokens) and req.queue is not None:
+            req.tokens_seen += len(msg.token_ids)
+            if msg.finished:
+                self._finish(req)
+            req.queue.put_nowait(msg)
+
+    async def _free_loop(self) -> None:
+        """Frees ride on the next request to an engine; idle links flush them here."""
+        while True:
+            await asyncio.sleep(0.02)
+            for link in self.links.values():
+                if link.frees and link.sock is not None and link.alive:
+                    frees, link.frees = link.frees, []
+                    await link.sock.send_multipart(P.encode(P.Free(frees)))
+
+
+def _err_dict(msg: P.ErrorReply) -> dict[str, Any]:
+    return {"status": msg.status, "code": msg.code, "message": msg.message, "param": msg.param}

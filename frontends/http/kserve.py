@@ -1,0 +1,215 @@
+"""KServe v2 / Triton HTTP routes: health, metadata, infer, system shared memory, repository."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from daemon.errors import FerryError, InvalidInput, ModelNotFound, UnsupportedMediaType
+from frontends.http.appkeys import DISPATCHER, SETTINGS
+from frontends.http.errors import request_id_of
+from frontends.http.kserve_codec import NUMPY_TO_KSERVE, encode_outputs, parse_infer
+
+__all__ = ["routes", "SERVER_EXTENSIONS"]
+
+routes = web.RouteTableDef()
+SERVER_EXTENSIONS = ["binary_tensor_data", "system_shared_memory", "model_repository",
+                     "model_configuration", "parameters"]
+_VERSIONED = "/v2/models/{model}/versions/{version}"
+
+
+def _version(request: web.Request) -> int | None:
+    raw = request.match_info.get("version")
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit():
+        raise InvalidInput(f"version {raw!r} must be a positive integer", param="version")
+    return int(raw)
+
+
+def _tensor_meta(t: dict[str, Any]) -> dict[str, Any]:
+    return {"name": t["name"], "datatype": NUMPY_TO_KSERVE.get(t["dtype"], t["dtype"]),
+            "shape": t["shape"]}
+
+
+@routes.get("/v2")
+async def server_metadata(request: web.Request) -> web.Response:
+    from daemon import __version__
+    return web.json_response({"name": "ferry", "version": __version__,
+                              "extensions": SERVER_EXTENSIONS})
+
+
+@routes.get("/v2/health/live")
+async def live(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+@routes.get("/v2/health/ready")
+async def ready(request: web.Request) -> web.Response:
+    pl = request.app[DISPATCHER].placement
+    return web.Response(status=200 if pl is not None and pl.state == "ready" else 503)
+
+
+@routes.get("/v2/models/{model}")
+@routes.get(_VERSIONED)
+async def model_metadata(request: web.Request) -> web.Response:
+    d = request.app[DISPATCHER]
+    name, version, info = d.resolve(request.match_info["model"], _version(request))
+    versions = sorted(int(v) for v in d.placement.models[name]["versions"])  # type: ignore[union-attr]
+    return web.json_response({
+        "name": name, "versions": [str(v) for v in versions], "platform": info["platform"],
+        "inputs": [_tensor_meta(t) for t in info["inputs"]],
+        "outputs": [_tensor_meta(t) for t in info["outputs"]],
+    })
+
+
+@routes.get("/v2/models/{model}/ready")
+@routes.get(_VERSIONED + "/ready")
+async def model_ready(request: web.Request) -> web.Response:
+    try:
+        request.app[DISPATCHER].resolve(request.match_info["model"], _version(request))
+    except ModelNotFound:
+        raise
+    except FerryError:
+        return web.Response(status=503)
+    return web.Response(status=200)
+
+
+@routes.get("/v2/models/{model}/config")
+@routes.get(_VERSIONED + "/config")
+async def model_config(request: web.Request) -> web.Response:
+    d = request.app[DISPATCHER]
+    name, version, info = d.resolve(request.match_info["model"], _version(request))
+    entry = d.placement.models[name]["versions"][str(version)]  # type: ignore[union-attr]
+    return web.json_response({
+        "name": name, "platform": info["platform"], "backend": entry.get("engine", ""),
+        "max_batch_size": info["max_batch_size"],
+        "input": [{"name": t["name"], "data_type": "TYPE_" + _tensor_meta(t)["datatype"],
+                   "dims": t["shape"]} for t in info["inputs"]],
+        "output": [{"name": t["name"], "data_type": "TYPE_" + _tensor_meta(t)["datatype"],
+                    "dims": t["shape"]} for t in info["outputs"]],
+        "version_policy": {"specific": {"versions": [version]}},
+        "parameters": entry.get("config", {}),
+        "sha256": entry.get("sha256"),
+    })
+
+
+@routes.post("/v2/models/{model}/infer")
+@routes.post(_VERSIONED + "/infer")
+async def infer(request: web.Request) -> web.Response:
+    ctype = request.content_type
+    # Like Triton, any content type carries the JSON header (curl sends form-urlencoded by
+    # default); only multipart bodies, which cannot be a KServe request, are refused.
+    if ctype.startswith("multipart/"):
+        raise UnsupportedMediaType(f"content type {ctype!r} is not accepted; send "
+                                   "application/json (with the binary-data extension if needed)")
+    body = await request.read()
+    parsed = parse_infer(body, request.headers.get("Inference-Header-Content-Length"))
+    d, settings = request.app[DISPATCHER], request.app[SETTINGS]
+    out_shm = {o.name: o.shm for o in parsed.outputs or () if o.shm is not None}
+    timeout_s = parsed.timeout_ms / 1000 if parsed.timeout_ms else settings.request_timeout_s
+    outcome = await d.infer(
+        request.match_info["model"], _version(request), parsed.arrays,
+        outputs=[o.name for o in parsed.outputs] if parsed.outputs else None,
+        timeout_s=timeout_s, request_id=request_id_of(request),
+        region_refs=parsed.region_refs, out_shm=out_shm or None)
+    try:
+        entries, chunks = encode_outputs(outcome.arrays, parsed, out_shm)
+    finally:
+        outcome.release()
+    head: dict[str, Any] = {"model_name": outcome.model, "model_version": str(outcome.version),
+                            "outputs": entries}
+    if parsed.id is not None:
+        head["id"] = parsed.id
+    head_bytes = json.dumps(head, separators=(",", ":")).encode()
+    if not chunks:
+        return web.Response(body=head_bytes, content_type="application/json")
+    resp = web.Response(body=b"".join([head_bytes, *chunks]),
+                        content_type="application/octet-stream")
+    resp.headers["Inference-Header-Content-Length"] = str(len(head_bytes))
+    return resp
+
+
+# -- system shared memory (Triton extension) ---------------------------------------------------
+
+@routes.get("/v2/systemsharedmemory/status")
+@routes.get("/v2/systemsharedmemory/region/{region}/status")
+async def shm_status(request: web.Request) -> web.Response:
+    regions = request.app[DISPATCHER].placement.regions  # type: ignore[union-attr]
+    wanted = request.match_info.get("region")
+    out = [{"name": r["name"], "key": r["key"], "offset": r["offset"], "byte_size": r["nbytes"]}
+           for r in regions if wanted is None or r["name"] == wanted]
+    if wanted is not None and not out:
+        raise InvalidInput(f"shared-memory region {wanted!r} is not registered",
+                           code="shm_unknown_region")
+    return web.json_response(out)
+
+
+@routes.post("/v2/systemsharedmemory/region/{region}/register")
+async def shm_register(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise InvalidInput("request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object", code="invalid_json")
+    key, offset, size = body.get("key"), body.get("offset", 0), body.get("byte_size")
+    if not isinstance(key, str) or not isinstance(offset, int) or not isinstance(size, int):
+        raise InvalidInput("'key' (string), 'offset' and 'byte_size' (integers) are required",
+                           code="shm_bad_region")
+    await request.app[DISPATCHER].register_region(request.match_info["region"], key, offset, size)
+    return web.json_response({})
+
+
+@routes.post("/v2/systemsharedmemory/unregister")
+@routes.post("/v2/systemsharedmemory/region/{region}/unregister")
+async def shm_unregister(request: web.Request) -> web.Response:
+    await request.app[DISPATCHER].unregister_region(request.match_info.get("region"))
+    return web.json_response({})
+
+
+# -- CUDA shared memory: answered clearly on hosts without it -----------------------------------
+
+@routes.get("/v2/cudasharedmemory/status")
+async def cuda_shm_status(request: web.Request) -> web.Response:
+    return web.json_response([])
+
+
+# -- repository (Triton model repository extension) ---------------------------------------------
+
+@routes.post("/v2/repository/index")
+async def repository_index(request: web.Request) -> web.Response:
+    result = await request.app[DISPATCHER].control("index")
+    return web.json_response(result.get("models", []))
+
+
+@routes.post("/v2/repository/models/{model}/load")
+async def repository_load(request: web.Request) -> web.Response:
+    await request.app[DISPATCHER].control("load", {"model": request.match_info["model"]})
+    return web.json_response({})
+
+
+@routes.post("/v2/repository/models/{model}/unload")
+async def repository_unload(request: web.Request) -> web.Response:
+    await request.app[DISPATCHER].control("unload", {"model": request.match_info["model"]})
+    return web.json_response({})
+
+
+# -- Ferry's own health routes --------------------------------------------------------------------
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "live"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    pl = request.app[DISPATCHER].placement
+    state = pl.state if pl is not None else "starting"
+    models = {}
+    if pl is not None:
+        for name, m in pl.models.items():
+            models[name] = {v: d.get("state") for v, d in m.get("versions", {}).items()}
+    return web.json_response({"status": state, "models": models},
+                             status=200 if state == "ready" else 503)

@@ -1,0 +1,214 @@
+"""KServe v2 / Triton HTTP tensor encoding: JSON tensors and the binary-data extension.
+
+Request body: JSON, optionally followed by raw tensor bytes when the header
+`Inference-Header-Content-Length` gives the JSON part's length. Inputs carry `data` (JSON, row
+major), `parameters.binary_data_size` (bytes taken in order from the binary part) or
+`parameters.shared_memory_region` (+ `shared_memory_byte_size`, `shared_memory_offset`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from daemon import protocol as P
+from daemon.errors import InvalidInput
+
+__all__ = ["KSERVE_TO_NUMPY", "NUMPY_TO_KSERVE", "ParsedInfer", "parse_infer", "encode_outputs"]
+
+KSERVE_TO_NUMPY = {
+    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
+    "UINT64": "uint64", "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
+    "FP16": "float16", "FP32": "float32", "FP64": "float64",
+}
+NUMPY_TO_KSERVE = {v: k for k, v in KSERVE_TO_NUMPY.items()}
+MAX_ELEMENTS = 1 << 31
+
+
+@dataclass(slots=True)
+class OutputRequest:
+    name: str
+    binary: bool
+    shm: P.ShmLoc | None = None
+
+
+@dataclass(slots=True)
+class ParsedInfer:
+    id: str | None
+    arrays: dict[str, np.ndarray]
+    region_refs: list[P.TensorRef]
+    outputs: list[OutputRequest] | None
+    binary_default: bool
+    timeout_ms: int = 0
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _bad(msg: str, code: str = "invalid_input", param: str | None = None) -> InvalidInput:
+    return InvalidInput(msg, code=code, param=param)
+
+
+def _shape(name: str, raw: Any) -> tuple[int, ...]:
+    if not isinstance(raw, list) or len(raw) > P.MAX_RANK or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
+        raise _bad(f"input {name!r}: shape must be a list of non-negative integers",
+                   "invalid_shape", name)
+    count = 1
+    for d in raw:
+        count *= d
+    if count > MAX_ELEMENTS:
+        raise _bad(f"input {name!r}: shape {raw} is too large", "invalid_shape", name)
+    return tuple(raw)
+
+
+def _json_data(name: str, dtype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
+    try:
+        arr = np.asarray(data, dtype=dtype)
+    except (TypeError, ValueError, OverflowError):
+        raise _bad(f"input {name!r}: data does not match datatype {NUMPY_TO_KSERVE[dtype]}",
+                   "invalid_data", name) from None
+    if arr.dtype == object or arr.size != int(np.prod(shape, dtype=np.int64)):
+        raise _bad(f"input {name!r}: {arr.size} values given, shape {list(shape)} needs "
+                   f"{int(np.prod(shape, dtype=np.int64))}", "invalid_shape", name)
+    return arr.reshape(shape)
+
+
+def _params(obj: dict, where: str) -> dict:
+    params = obj.get("parameters", {})
+    if not isinstance(params, dict):
+        raise _bad(f"{where}: parameters must be an object")
+    return params
+
+
+def _shm_loc(name: str, params: dict, nbytes_needed: int | None) -> P.ShmLoc:
+    region = params.get("shared_memory_region")
+    size = params.get("shared_memory_byte_size")
+    offset = params.get("shared_memory_offset", 0)
+    if not isinstance(region, str) or not isinstance(size, int) or not isinstance(offset, int) \
+            or size < 0 or offset < 0:
+        raise _bad(f"{name!r}: shared_memory_region, shared_memory_byte_size and "
+                   f"shared_memory_offset must be a string and non-negative integers",
+                   "shm_bad_reference", name)
+    if nbytes_needed is not None and size != nbytes_needed:
+        raise _bad(f"input {name!r}: shared_memory_byte_size {size} does not match the "
+                   f"{nbytes_needed} bytes of its datatype and shape", "shm_bad_reference", name)
+    return P.ShmLoc(region, offset, size)
+
+
+def parse_infer(body: bytes, header_length: str | None) -> ParsedInfer:
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise _bad("Inference-Header-Content-Length must be an integer",
+                       "invalid_header") from None
+        if n < 0 or n > len(body):
+            raise _bad(f"Inference-Header-Content-Length {n} exceeds the body of {len(body)} "
+                       "bytes", "truncated_body")
+        head, binary = body[:n], memoryview(body)[n:]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        req = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad(f"request body is not valid JSON: {exc}", "invalid_json") from None
+    if not isinstance(req, dict):
+        raise _bad("request body must be a JSON object", "invalid_json")
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise _bad("'inputs' must be a non-empty list", param="inputs")
+    rparams = _params(req, "request")
+    arrays: dict[str, np.ndarray] = {}
+    region_refs: list[P.TensorRef] = []
+    pos = 0
+    for item in inputs:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise _bad("every input needs a string 'name'", param="inputs")
+        name = item["name"]
+        if name in arrays or any(r.name == name for r in region_refs):
+            raise _bad(f"input {name!r} given twice", param=name)
+        datatype = item.get("datatype")
+        if datatype == "BYTES":
+            raise _bad(f"input {name!r}: datatype BYTES is not supported by this server",
+                       "invalid_dtype", name)
+        dtype = KSERVE_TO_NUMPY.get(datatype) if isinstance(datatype, str) else None
+        if dtype is None:
+            raise _bad(f"input {name!r}: unknown datatype {datatype!r}", "invalid_dtype", name)
+        shape = _shape(name, item.get("shape"))
+        params = _params(item, f"input {name!r}")
+        nbytes = P.tensor_nbytes(dtype, shape)
+        if "shared_memory_region" in params:
+            loc = _shm_loc(name, params, nbytes)
+            region_refs.append(P.TensorRef(name, dtype, shape, shm=loc))
+        elif "binary_data_size" in params:
+            size = params["binary_data_size"]
+            if not isinstance(size, int) or size != nbytes:
+                raise _bad(f"input {name!r}: binary_data_size {size!r} does not match the "
+                           f"{nbytes} bytes of its datatype and shape", "invalid_shape", name)
+            if pos + size > len(binary):
+                raise _bad(f"input {name!r}: the binary body ends before its {size} bytes",
+                           "truncated_body", name)
+            arrays[name] = np.frombuffer(binary[pos:pos + size], dtype=dtype).reshape(shape)
+            pos += size
+        elif "data" in item:
+            arrays[name] = _json_data(name, dtype, shape, item["data"])
+        else:
+            raise _bad(f"input {name!r} has no data, binary_data_size or shared memory",
+                       param=name)
+    if pos != len(binary):
+        raise _bad(f"{len(binary) - pos} bytes of binary data are not claimed by any input",
+                   "invalid_body")
+    binary_default = bool(rparams.get("binary_data_output", False))
+    outputs = _parse_outputs(req.get("outputs"), binary_default)
+    timeout = rparams.get("timeout", 0)
+    if not isinstance(timeout, int) or timeout < 0:
+        raise _bad("parameters.timeout must be a non-negative integer (microseconds)",
+                   param="timeout")
+    rid = req.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise _bad("'id' must be a string", param="id")
+    return ParsedInfer(rid, arrays, region_refs, outputs, binary_default,
+                       timeout // 1000, rparams)
+
+
+def _parse_outputs(raw: Any, binary_default: bool) -> list[OutputRequest] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise _bad("'outputs' must be a list", param="outputs")
+    out = []
+    for item in raw:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise _bad("every requested output needs a string 'name'", param="outputs")
+        params = _params(item, f"output {item['name']!r}")
+        binary = params.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise _bad("binary_data must be a boolean", param=item["name"])
+        shm = _shm_loc(item["name"], params, None) if "shared_memory_region" in params else None
+        out.append(OutputRequest(item["name"], binary, shm))
+    return out
+
+
+def encode_outputs(arrays: dict[str, np.ndarray], parsed: ParsedInfer,
+                   out_shm: dict[str, P.ShmLoc]) -> tuple[list[dict], list[bytes | memoryview]]:
+    """JSON output entries and the binary chunks that follow the JSON (in the same order)."""
+    wanted = {o.name: o for o in parsed.outputs} if parsed.outputs else None
+    entries, chunks = [], []
+    for name, arr in arrays.items():
+        if wanted is not None and name not in wanted:
+            continue
+        entry: dict[str, Any] = {"name": name, "datatype": NUMPY_TO_KSERVE[arr.dtype.name],
+                                 "shape": list(arr.shape)}
+        if name in out_shm:
+            loc = out_shm[name]
+            entry["parameters"] = {"shared_memory_region": loc.region,
+                                   "shared_memory_byte_size": loc.nbytes}
+        elif (wanted[name].binary if wanted is not None else parsed.binary_default):
+            data = np.ascontiguousarray(arr)
+            entry["parameters"] = {"binary_data_size": data.nbytes}
+            chunks.append(data.tobytes())
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        entries.append(entry)
+    return entries, chunks

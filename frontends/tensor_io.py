@@ -1,0 +1,74 @@
+"""Packing numpy arrays into protocol tensor references and reading them back.
+
+Small tensors travel as inline frames (zero-copy sends); tensors of at least `inline_threshold`
+bytes are copied once into the sender's shared-memory arena and travel by reference. When the
+arena is full the inline frame still carries the tensor: exhaustion costs speed, not requests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from daemon import protocol as P
+from daemon.errors import FerryError, InvalidInput
+from daemon.shm import Arena, RegionMap
+
+__all__ = ["Packed", "pack", "unpack", "check_dtype"]
+
+
+@dataclass(slots=True)
+class Packed:
+    refs: list[P.TensorRef]
+    frames: list[Any]
+    blocks: list[P.ShmLoc] = field(default_factory=list)   # sender-arena blocks to free later
+
+
+def check_dtype(name: str, arr: np.ndarray) -> None:
+    if arr.dtype.name not in P.DTYPES:
+        raise InvalidInput(f"input {name!r}: dtype {arr.dtype} cannot be sent",
+                           code="invalid_dtype", param=name)
+
+
+def pack(arrays: dict[str, np.ndarray], arena: Arena | None, inline_threshold: int,
+         region_refs: list[P.TensorRef] = ()) -> Packed:  # type: ignore[assignment]
+    """References for `arrays`; `region_refs` are tensors already in a registered region."""
+    out = Packed(list(region_refs), [])
+    for ref in region_refs:
+        if ref.name in arrays:
+            raise InvalidInput(f"input {ref.name!r} given twice", code="invalid_input",
+                               param=ref.name)
+    for name, arr in arrays.items():
+        check_dtype(name, arr)
+        arr = np.ascontiguousarray(arr)
+        ref = P.TensorRef(name, arr.dtype.name, tuple(int(d) for d in arr.shape))
+        if arena is not None and arr.nbytes >= inline_threshold:
+            try:
+                ref.shm = arena.put(arr)
+                out.blocks.append(ref.shm)
+            except FerryError:
+                ref.shm = None
+        if ref.shm is None:
+            ref.frame = len(out.frames)
+            out.frames.append(arr)
+        out.refs.append(ref)
+    return out
+
+
+def unpack(refs: list[P.TensorRef], buffers: list[Any], regions: RegionMap,
+           engine_arena_prefix: str | None = None) -> tuple[dict[str, np.ndarray],
+                                                            list[P.ShmLoc]]:
+    """Arrays for `refs` (views, no copy) and the engine-arena blocks to free after use."""
+    arrays: dict[str, np.ndarray] = {}
+    frees: list[P.ShmLoc] = []
+    for ref in refs:
+        if ref.shm is not None:
+            arrays[ref.name] = regions.array(ref)
+            if engine_arena_prefix and ref.shm.region.startswith(engine_arena_prefix):
+                frees.append(ref.shm)
+        else:
+            buf = buffers[ref.frame]
+            data = buf.buffer if hasattr(buf, "buffer") else buf
+            arrays[ref.name] = np.frombuffer(data, dtype=ref.dtype).reshape(ref.shape)
+    return arrays, frees

@@ -1,0 +1,177 @@
+"""The binary ZeroMQ frontend: a ROUTER socket (ipc:// or tcp://) speaking daemon.protocol.
+
+Clients send `Infer`, `Generate`, `Cancel`, `RegisterRegion`, `UnregisterRegion` and
+`StatsQuery`; each request runs as its own task, so one slow request never holds up another.
+Tensors arrive as inline frames (forwarded zero-copy) or as references into a region the client
+registered; results go back inline, or into the client's region when it asked for that.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import uvloop
+import zmq
+import zmq.asyncio
+
+from daemon import protocol as P
+from daemon.errors import FerryError, InternalError, InvalidInput
+from daemon.process import init_child
+from daemon.shm import Arena, RegionMap, segment_name
+from frontends.dispatch import Dispatcher
+
+__all__ = ["ZmqFrontend", "run_zmq"]
+
+log = logging.getLogger(__name__)
+
+
+class ZmqFrontend:
+    def __init__(self, dispatcher: Dispatcher, sock: zmq.asyncio.Socket,
+                 request_timeout_s: float) -> None:
+        self.d, self.sock, self.timeout_s = dispatcher, sock, request_timeout_s
+        self.streams: dict[tuple[bytes, str], Any] = {}
+        self.tasks: set[asyncio.Task] = set()
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        stop_wait = asyncio.create_task(stop.wait())
+        while not stop.is_set():
+            recv = asyncio.ensure_future(self.sock.recv_multipart(copy=False))
+            done, _ = await asyncio.wait({recv, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if recv not in done:
+                recv.cancel()
+                break
+            identity, *frames = recv.result()
+            task = asyncio.create_task(self.handle(identity.bytes, frames))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        if self.tasks:   # drain: finish what was accepted
+            await asyncio.wait(self.tasks, timeout=self.timeout_s)
+
+    async def send(self, identity: bytes, msg: P.Message, buffers: list[Any] | None = None
+                   ) -> None:
+        await self.sock.send_multipart([identity, *P.encode(msg, buffers)], copy=False)
+
+    async def handle(self, identity: bytes, frames: list[Any]) -> None:
+        msg_id = ""
+        try:
+            msg, buffers = P.decode(frames)
+            msg_id = getattr(msg, "id", "")
+            if isinstance(msg, P.Infer):
+                await self.on_infer(identity, msg, buffers)
+            elif isinstance(msg, P.Generate):
+                await self.on_generate(identity, msg, buffers)
+            elif isinstance(msg, P.Cancel):
+                stream = self.streams.get((identity, msg.id))
+                if stream is not None:
+                    await stream.cancel()
+            elif isinstance(msg, P.RegisterRegion):
+                await self.d.register_region(msg.name, msg.key, msg.offset, msg.nbytes)
+                await self.send(identity, P.RegionReply(msg.id, self.d.regions.status()))
+            elif isinstance(msg, P.UnregisterRegion):
+                await self.d.unregister_region(msg.name or None)
+                await self.send(identity, P.RegionReply(msg.id, self.d.regions.status()))
+            elif isinstance(msg, P.StatsQuery):
+                await self.send(identity, P.StatsReply(msg.id, {"engines":
+                                                                await self.d.engine_stats()}))
+            else:
+                raise InvalidInput(f"message type {msg.TYPE!r} is not accepted here",
+                                   code="bad_message")
+        except FerryError as exc:
+            await self.send(identity, P.ErrorReply(msg_id, exc.status, exc.code, exc.message,
+                                                   exc.param))
+        except Exception as exc:
+            log.exception("zmq request failed")
+            err = InternalError(f"internal error: {type(exc).__name__}")
+            await self.send(identity, P.ErrorReply(msg_id, err.status, err.code, err.message))
+
+    async def on_infer(self, identity: bytes, msg: P.Infer, buffers: list[Any]) -> None:
+        arrays, region_refs = {}, []
+        for ref in msg.inputs:
+            if ref.shm is not None:
+                region_refs.append(ref)
+            else:
+                buf = buffers[ref.frame]
+                data = buf.buffer if hasattr(buf, "buffer") else buf
+                if len(data) != ref.nbytes:
+                    raise InvalidInput(f"input {ref.name!r}: frame holds {len(data)} bytes, "
+                                       f"dtype and shape need {ref.nbytes}",
+                                       code="invalid_shape", param=ref.name)
+                import numpy as np
+                arrays[ref.name] = np.frombuffer(data, dtype=ref.dtype).reshape(ref.shape)
+        timeout = msg.timeout_ms / 1000 if msg.timeout_ms else self.timeout_s
+        outcome = await self.d.infer(msg.model, msg.version or None, arrays, outputs=msg.outputs,
+                                     timeout_s=timeout, request_id=msg.request_id,
+                                     region_refs=region_refs, out_shm=msg.out_shm)
+        try:
+            refs, out_frames = [], []
+            for name, arr in outcome.arrays.items():
+                ref = P.TensorRef(name, arr.dtype.name, tuple(arr.shape))
+                if msg.out_shm and name in msg.out_shm:
+                    ref.shm = msg.out_shm[name]
+                else:
+                    ref.frame = len(out_frames)
+                    out_frames.append(arr.copy() if outcome._release else arr)
+                refs.append(ref)
+        finally:
+            outcome.release()
+        meta = outcome.meta
+        await self.send(identity, P.InferResult(msg.id, refs, meta.queue_us, meta.compute_us,
+                                                meta.batch_size), out_frames)
+
+    async def on_generate(self, identity: bytes, msg: P.Generate, buffers: list[Any]) -> None:
+        if len(msg.prompt) != 1 or msg.prompt[0].shm is not None:
+            raise InvalidInput("generate needs one inline prompt tensor", code="bad_message")
+        import numpy as np
+        ref = msg.prompt[0]
+        buf = buffers[ref.frame]
+        data = buf.buffer if hasattr(buf, "buffer") else buf
+        if len(data) != ref.nbytes or ref.dtype not in ("int32", "int64"):
+            raise InvalidInput("prompt must be int32/int64 token ids", code="invalid_input")
+        ids = np.frombuffer(data, dtype=ref.dtype).tolist()
+        stream = await self.d.generate(msg.model, msg.version or None, ids, msg.params,
+                                       msg.request_id)
+        self.streams[(identity, msg.id)] = stream
+        try:
+            async for tok in stream:
+                tok.id = msg.id
+                await self.send(identity, tok)
+        finally:
+            self.streams.pop((identity, msg.id), None)
+
+
+async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
+    ctx = zmq.asyncio.Context()
+    arena = Arena(segment_name(args["instance"], "zmq"), args["arena_mb"] << 20)
+    d = Dispatcher(ctx, placement_endpoint=args["placement"], control_endpoint=args["control"],
+                   arena=arena, regions=RegionMap(args["instance"]), instance=args["instance"],
+                   inline_threshold=args["inline_threshold"])
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        await d.start()
+        sock.bind(args["bind"])
+        await d.control("frontend_ready", {"role": "zmq"})
+        log.info("zmq frontend serving on %s", args["bind"])
+        await ZmqFrontend(d, sock, args["request_timeout_s"]).serve(stop)
+    finally:
+        sock.close(0)
+        await d.close()
+        arena.close(unlink=True)
+        ctx.destroy(linger=0)
+
+
+def run_zmq(args: dict[str, Any]) -> int:
+    init_child("zmq", parent_pid=args["parent_pid"], log_level=args.get("log_level", "info"),
+               log_format=args.get("log_format", "json"))
+    uvloop.install()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await _serve(args, stop)
+    asyncio.run(main())
+    return 0
