@@ -177,7 +177,7 @@ class OnnxEngine(Engine):
         batches = sum(self._batch_sizes.values())
         rows = sum(size * n for size, n in self._batch_sizes.items())
         return {"requests": self._counts["requests"], "batches": batches,
-                "batch_sizes": dict(sorted(self._batch_sizes.items())),
+                "batch_sizes": {str(k): v for k, v in sorted(self._batch_sizes.items())},
                 "avg_batch_size": rows / batches if batches else 0.0,
                 "queued": len(self._batcher), "expired": self._counts["expired"],
                 "cancelled": self._counts["cancelled"], "failed": self._counts["failed"],

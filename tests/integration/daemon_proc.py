@@ -64,7 +64,8 @@ def orphan_segments() -> set[str]:
 class Daemon:
     repo: Path
     workers: int = 2
-    extra_config: str = ""
+    extra_config: str = ""          # more TOML tables after the generated ones
+    server_extra: str = ""          # more keys inside [server]
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     base: Path | None = None
@@ -101,6 +102,7 @@ host = "127.0.0.1"
 port = {self.port}
 workers = {self.workers}
 drain_grace_s = 20
+{self.server_extra}
 [paths]
 state_dir = "{self.state_dir}"
 runtime_dir = "{self.runtime_dir}"
