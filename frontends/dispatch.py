@@ -24,6 +24,7 @@ from daemon.errors import (EngineDied, FerryError, ModelNotFound, ModelUnavailab
                            error_from_wire)
 from daemon.shm import Arena, RegionMap
 from frontends.tensor_io import Packed, pack, unpack
+from frontends.zmq_reader import LoopSocket
 
 __all__ = ["Dispatcher", "InferOutcome", "Stream"]
 
@@ -64,8 +65,7 @@ class _Link:
     endpoint: str
     generation: int
     alive: bool
-    sock: zmq.asyncio.Socket | None = None
-    task: asyncio.Task | None = None
+    sock: LoopSocket | None = None
     frees: list[P.ShmLoc] = field(default_factory=list)
     outstanding: int = 0
 
@@ -103,6 +103,7 @@ class Dispatcher:
                  control_endpoint: str, arena: Arena | None, regions: RegionMap,
                  instance: str, inline_threshold: int) -> None:
         self.ctx = ctx
+        self.sync_ctx = zmq.Context.shadow(ctx.underlying)   # request-path sockets: see LoopSocket
         self.placement_endpoint, self.control_endpoint = placement_endpoint, control_endpoint
         self.arena, self.regions, self.inline_threshold = arena, regions, inline_threshold
         self.engine_prefix = f"ferry-{instance}-eng"
@@ -180,19 +181,21 @@ class Dispatcher:
         self.placement_changed.set()
 
     def _open_link(self, link: _Link) -> None:
-        sock = self.ctx.socket(zmq.DEALER)
+        sock = self.sync_ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)   # requests are bounded by the frontends, not by drops
+        sock.setsockopt(zmq.RCVHWM, 0)
+        # A link belongs to one engine process: never reconnect to a successor on the same
+        # path (it has not loaded its models yet); placement opens a new link for it instead.
+        sock.setsockopt(zmq.RECONNECT_IVL, -1)
         sock.connect(link.endpoint)
-        link.sock = sock
+        link.sock = LoopSocket(sock, lambda frames: self._on_frames(link, frames))
         link.alive = True
-        link.task = asyncio.create_task(self._recv_loop(link))
 
     def _drop_link(self, link: _Link) -> None:
-        if link.task is not None:
-            link.task.cancel()
         if link.sock is not None:
-            link.sock.close(0)
-        link.sock, link.task, link.alive = None, None, False
+            link.sock.close()
+        link.sock, link.alive = None, False
         link.frees.clear()   # the dead engine's arena was reclaimed with it
 
     def _replay(self, link: _Link) -> None:
@@ -251,7 +254,9 @@ class Dispatcher:
         frames = P.encode(req.msg, req.buffers)
         if carries_frees:
             req.msg.frees = []  # type: ignore[attr-defined]   # a replay must not free twice
-        link.sock.send_multipart(frames, copy=False)
+        if not link.sock.send(frames):
+            log.info("engine %s unreachable; request %s waits for its restart", link.engine,
+                     req.id)
 
     def _register(self, req: _Req) -> None:
         self.inflight[req.id] = req
@@ -290,16 +295,18 @@ class Dispatcher:
         req = _Req(rid, link.engine, (name, ver), msg, packed.frames, packed,
                    future=asyncio.get_running_loop().create_future())
         self._register(req)
+        # A timer rather than asyncio.wait_for: no extra task on the request path. The engine
+        # enforces the deadline itself; this only guards against an engine that never answers.
+        timer = (asyncio.get_running_loop().call_later(timeout_s + 5, self._expire, req)
+                 if timeout_s else None)
         try:
-            result, buffers = await asyncio.wait_for(req.future, timeout_s and timeout_s + 5)
-        except asyncio.TimeoutError:
-            self._finish(req)
-            await self.cancel(rid)
-            raise FerryError(f"no reply from engine {link.engine} in time",
-                             code="deadline_exceeded", status=504) from None
+            result, buffers = await req.future
         except asyncio.CancelledError:
             self._finish(req)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         arrays_out, frees = unpack(result.outputs, buffers, self.regions, self.engine_prefix)
         engine = req.engine
 
@@ -321,6 +328,14 @@ class Dispatcher:
         self._register(req)
         return Stream(self, req)
 
+    def _expire(self, req: _Req) -> None:
+        if req.id in self.inflight:
+            link = self.links.get(req.engine)
+            self._fail(req, FerryError(f"no reply from engine {req.engine} in time",
+                                       code="deadline_exceeded", status=504))
+            if link is not None and link.sock is not None and link.alive:
+                link.sock.send(P.encode(P.Cancel(req.id)))
+
     async def cancel(self, rid: str) -> None:
         req = self.inflight.get(rid)
         if req is None:
@@ -328,7 +343,7 @@ class Dispatcher:
         link = self.links.get(req.engine)
         self._fail(req, FerryError("cancelled", code="cancelled", status=499))
         if link is not None and link.sock is not None and link.alive:
-            await link.sock.send_multipart(P.encode(P.Cancel(rid)))
+            link.sock.send(P.encode(P.Cancel(rid)))
 
     # -- engine-level calls (stats, regions) ---------------------------------------------------
     async def call_engine(self, engine: str, msg: P.Message, timeout_s: float = 5.0) -> P.Message:
@@ -338,7 +353,7 @@ class Dispatcher:
         fut = asyncio.get_running_loop().create_future()
         self.replies[msg.id] = fut  # type: ignore[attr-defined]
         try:
-            await link.sock.send_multipart(P.encode(msg))
+            link.sock.send(P.encode(msg))
             return await asyncio.wait_for(fut, timeout_s)
         finally:
             self.replies.pop(msg.id, None)  # type: ignore[attr-defined]
@@ -408,17 +423,13 @@ class Dispatcher:
         return reply.result
 
     # -- replies ------------------------------------------------------------------------------
-    async def _recv_loop(self, link: _Link) -> None:
-        assert link.sock is not None
-        sock = link.sock
-        while True:
-            frames = await sock.recv_multipart(copy=False)
-            try:
-                msg, buffers = P.decode(frames)
-            except FerryError as exc:
-                log.error("malformed reply from engine %s: %s", link.engine, exc.message)
-                continue
-            self._on_reply(msg, buffers)
+    def _on_frames(self, link: _Link, frames: list[Any]) -> None:
+        try:
+            msg, buffers = P.decode(frames)
+        except FerryError as exc:
+            log.error("malformed reply from engine %s: %s", link.engine, exc.message)
+            return
+        self._on_reply(msg, buffers)
 
     def _on_reply(self, msg: P.Message, buffers: list[Any]) -> None:
         rid = getattr(msg, "id", "")
@@ -451,7 +462,7 @@ class Dispatcher:
             for link in self.links.values():
                 if link.frees and link.sock is not None and link.alive:
                     frees, link.frees = link.frees, []
-                    await link.sock.send_multipart(P.encode(P.Free(frees)))
+                    link.sock.send(P.encode(P.Free(frees)))
 
 
 def _err_dict(msg: P.ErrorReply) -> dict[str, Any]:

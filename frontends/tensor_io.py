@@ -39,9 +39,13 @@ def pack(arrays: dict[str, np.ndarray], arena: Arena | None, inline_threshold: i
         if ref.name in arrays:
             raise InvalidInput(f"input {ref.name!r} given twice", code="invalid_input",
                                param=ref.name)
+    # validate everything first: a refusal after a put would leak that arena block
     for name, arr in arrays.items():
         check_dtype(name, arr)
-        arr = np.ascontiguousarray(arr)
+    for name, arr in arrays.items():
+        # the wire names dtypes without byte order: big-endian data must be swapped, not
+        # relabelled; asarray (not ascontiguousarray) keeps a 0-d tensor 0-d
+        arr = np.asarray(arr, dtype=arr.dtype.newbyteorder("="), order="C")
         ref = P.TensorRef(name, arr.dtype.name, tuple(int(d) for d in arr.shape))
         if arena is not None and arr.nbytes >= inline_threshold:
             try:
@@ -70,5 +74,10 @@ def unpack(refs: list[P.TensorRef], buffers: list[Any], regions: RegionMap,
         else:
             buf = buffers[ref.frame]
             data = buf.buffer if hasattr(buf, "buffer") else buf
+            size = memoryview(data).nbytes
+            if size != ref.nbytes:
+                raise InvalidInput(f"tensor {ref.name!r}: frame holds {size} bytes, dtype and "
+                                   f"shape need {ref.nbytes}", code="invalid_shape",
+                                   param=ref.name)
             arrays[ref.name] = np.frombuffer(data, dtype=ref.dtype).reshape(ref.shape)
     return arrays, frees

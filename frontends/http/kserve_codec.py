@@ -113,6 +113,8 @@ def parse_infer(body: bytes, header_length: str | None) -> ParsedInfer:
         req = json.loads(head)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _bad(f"request body is not valid JSON: {exc}", "invalid_json") from None
+    except RecursionError:   # '[[[[…' nested deeper than the interpreter's stack
+        raise _bad("request body is not valid JSON: nested too deeply", "invalid_json") from None
     if not isinstance(req, dict):
         raise _bad("request body must be a JSON object", "invalid_json")
     inputs = req.get("inputs")
@@ -159,7 +161,9 @@ def parse_infer(body: bytes, header_length: str | None) -> ParsedInfer:
     if pos != len(binary):
         raise _bad(f"{len(binary) - pos} bytes of binary data are not claimed by any input",
                    "invalid_body")
-    binary_default = bool(rparams.get("binary_data_output", False))
+    binary_default = rparams.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise _bad("binary_data_output must be a boolean", param="binary_data_output")
     outputs = _parse_outputs(req.get("outputs"), binary_default)
     timeout = rparams.get("timeout", 0)
     if not isinstance(timeout, int) or timeout < 0:

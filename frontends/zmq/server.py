@@ -21,6 +21,7 @@ from daemon.errors import FerryError, InternalError, InvalidInput
 from daemon.process import init_child
 from daemon.shm import Arena, RegionMap, segment_name
 from frontends.dispatch import Dispatcher
+from frontends.zmq_reader import LoopSocket
 
 __all__ = ["ZmqFrontend", "run_zmq"]
 
@@ -28,30 +29,32 @@ log = logging.getLogger(__name__)
 
 
 class ZmqFrontend:
-    def __init__(self, dispatcher: Dispatcher, sock: zmq.asyncio.Socket,
+    def __init__(self, dispatcher: Dispatcher, sock: zmq.Socket,
                  request_timeout_s: float) -> None:
-        self.d, self.sock, self.timeout_s = dispatcher, sock, request_timeout_s
+        self.d, self.timeout_s = dispatcher, request_timeout_s
         self.streams: dict[tuple[bytes, str], Any] = {}
         self.tasks: set[asyncio.Task] = set()
+        self.accepting = True
+        self.sock = LoopSocket(sock, self._on_message)
+
+    def _on_message(self, frames: list[Any]) -> None:
+        if not self.accepting:
+            return   # draining: the client's own timeout answers it; nothing half-done here
+        identity, *rest = frames
+        task = asyncio.create_task(self.handle(identity.bytes, rest))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def serve(self, stop: asyncio.Event) -> None:
-        stop_wait = asyncio.create_task(stop.wait())
-        while not stop.is_set():
-            recv = asyncio.ensure_future(self.sock.recv_multipart(copy=False))
-            done, _ = await asyncio.wait({recv, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            if recv not in done:
-                recv.cancel()
-                break
-            identity, *frames = recv.result()
-            task = asyncio.create_task(self.handle(identity.bytes, frames))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+        await stop.wait()
+        self.accepting = False
         if self.tasks:   # drain: finish what was accepted
             await asyncio.wait(self.tasks, timeout=self.timeout_s)
+        self.sock.close()
 
     async def send(self, identity: bytes, msg: P.Message, buffers: list[Any] | None = None
                    ) -> None:
-        await self.sock.send_multipart([identity, *P.encode(msg, buffers)], copy=False)
+        self.sock.send([identity, *P.encode(msg, buffers)])
 
     async def handle(self, identity: bytes, frames: list[Any]) -> None:
         msg_id = ""
@@ -147,8 +150,10 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
     d = Dispatcher(ctx, placement_endpoint=args["placement"], control_endpoint=args["control"],
                    arena=arena, regions=RegionMap(args["instance"]), instance=args["instance"],
                    inline_threshold=args["inline_threshold"])
-    sock = ctx.socket(zmq.ROUTER)
+    sock = zmq.Context.shadow(ctx.underlying).socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
     try:
         await d.start()
         sock.bind(args["bind"])

@@ -1,0 +1,320 @@
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
+
+The official `openai` package works against these unchanged. Responses follow OpenAI's shapes
+(ids `chatcmpl-...`/`cmpl-...`, `usage`, `finish_reason` "stop"/"length"); streams are server-sent
+events in OpenAI's chunk format ending with `data: [DONE]`. Errors use the OpenAI error object
+(frontends/http/errors.py) with the offending field in `param`. A client that disconnects
+cancels its engine requests at once (frontends/http/sse.py).
+
+Extensions beyond OpenAI, as vLLM names them: top_k, min_p, repetition_penalty, ignore_eos,
+stop_token_ids; a model may be named `name:version` to pin a version.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from daemon import __version__
+from daemon.errors import ContextLengthExceeded, FerryError, InvalidInput, UnsupportedMediaType
+from frontends.http.appkeys import DISPATCHER, SETTINGS
+from frontends.http.errors import error_body, request_id_of
+from frontends.http.openai_schema import (GenParams, parse_chat, parse_completion,
+                                          parse_embeddings)
+from frontends.http.sse import SSEResponse, until_disconnect
+from frontends.http.textgen import (TEXTS, Embedder, Generation, Piece, TextModel,
+                                    encode_prompts, install, resolve_model)
+
+__all__ = ["routes", "setup", "read_json", "SYSTEM_FINGERPRINT"]
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+SYSTEM_FINGERPRINT = f"fp_ferry_{__version__}"
+_CLIENT_CLOSED = 499
+
+
+def setup(app: web.Application) -> None:
+    install(app)
+    app.add_routes(routes)
+
+
+async def read_json(request: web.Request) -> Any:
+    ctype = request.content_type
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise UnsupportedMediaType(f"content type {ctype!r} is not accepted; send "
+                                   "'Content-Type: application/json'")
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}",
+                           code="invalid_json") from None
+
+
+# -- models -------------------------------------------------------------------------------------
+
+def _model_card(name: str, version: str, entry: dict[str, Any]) -> dict[str, Any]:
+    try:
+        created = int(os.stat(entry.get("path", "")).st_mtime)
+    except OSError:
+        created = 0
+    info = entry.get("info") or {}
+    card = {"id": name, "object": "model", "created": created, "owned_by": "ferry",
+            "version": int(version), "kind": info.get("kind", "tensor")}
+    if info.get("kind") == "llm":
+        card["max_model_len"] = info.get("extra", {}).get("context_length")
+    return card
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    pl = request.app[DISPATCHER].placement
+    data = []
+    for name, m in sorted((pl.models if pl is not None else {}).items()):
+        ready = [v for v, e in m.get("versions", {}).items() if e.get("state") == "ready"]
+        if ready:
+            latest = max(ready, key=int)
+            data.append(_model_card(name, latest, m["versions"][latest]))
+    return web.json_response({"object": "list", "data": data})
+
+
+@routes.get("/v1/models/{model}")
+async def get_model(request: web.Request) -> web.Response:
+    name, version, entry = resolve_model(request.app[DISPATCHER], request.match_info["model"])
+    return web.json_response(_model_card(name, str(version), entry))
+
+
+# -- chat and completions ---------------------------------------------------------------------
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    req = parse_chat(await read_json(request))
+    tm = await request.app[TEXTS].text_model(req.model)
+    ids = await tm.encode(tm.render_chat(req.messages), add_special_tokens=False)
+    return await _serve(request, tm, [ids], req.params, _Shape(chat=True), "messages", [""])
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    req = parse_completion(await read_json(request))
+    tm = await request.app[TEXTS].text_model(req.model)
+    prompts = await encode_prompts(tm, req.prompts)
+    echo = [p if isinstance(p, str) else tm.tokenizer.decode(p) for p in req.prompts] \
+        if req.echo else [""] * len(prompts)
+    return await _serve(request, tm, prompts, req.params, _Shape(chat=False), "prompt", echo)
+
+
+class _Shape:
+    """The parts in which chat and legacy completion responses differ."""
+
+    def __init__(self, chat: bool) -> None:
+        self.chat = chat
+        self.prefix = "chatcmpl-" if chat else "cmpl-"
+        self.object = "chat.completion" if chat else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
+
+    def logprobs(self, tm: TextModel, ids: list[int], lps: list[float] | None,
+                 offset: int = 0) -> dict[str, Any] | None:
+        if lps is None:
+            return None
+        tokens = [tm.token_text(t) for t in ids]
+        if self.chat:
+            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
+                                 "top_logprobs": []} for t, lp in zip(tokens, lps)]}
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": None,
+                "text_offset": offsets}
+
+    def choice(self, index: int, text: str, finish: str | None, logprobs: Any) -> dict:
+        if self.chat:
+            return {"index": index, "message": {"role": "assistant", "content": text},
+                    "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def delta(self, index: int, text: str | None, finish: str | None, logprobs: Any,
+              role: bool = False) -> dict:
+        if not self.chat:
+            return {"index": index, "text": text or "", "logprobs": logprobs,
+                    "finish_reason": finish}
+        delta: dict[str, Any] = {"role": "assistant"} if role else {}
+        if text is not None:
+            delta["content"] = text
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+
+async def _serve(request: web.Request, tm: TextModel, prompts: list[list[int]],
+                 params: GenParams, shape: _Shape, prompt_param: str,
+                 echo: list[str]) -> web.StreamResponse:
+    gen = await Generation.start(request.app[DISPATCHER], tm, prompts, params,
+                                 request_id=request_id_of(request), prompt_param=prompt_param)
+    head = {"id": shape.prefix + uuid.uuid4().hex, "object": shape.object,
+            "created": int(time.time()), "model": tm.name,
+            "system_fingerprint": SYSTEM_FINGERPRINT}
+    echoes = [echo[i // params.n] for i in range(len(gen.choices))]
+    if params.stream:
+        sse = SSEResponse(request)
+        await until_disconnect(request, _stream(sse, gen, tm, params, shape, head, echoes))
+        return sse.resp
+    body = await until_disconnect(request, _collect(gen, tm, shape, head, echoes))
+    if body is None:
+        return web.Response(status=_CLIENT_CLOSED)
+    return web.json_response(body, dumps=_dumps)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+async def _collect(gen: Generation, tm: TextModel, shape: _Shape, head: dict[str, Any],
+                   echoes: list[str]) -> dict[str, Any]:
+    n = len(gen.choices)
+    texts: list[list[str]] = [[e] for e in echoes]
+    ids: list[list[int]] = [[] for _ in range(n)]
+    lps: list[list[float] | None] = [None] * n
+    finish: list[str | None] = [None] * n
+    async with gen:
+        async for p in gen.pieces():
+            texts[p.index].append(p.text)
+            ids[p.index].extend(p.token_ids)
+            if p.logprobs is not None:
+                lps[p.index] = (lps[p.index] or []) + p.logprobs
+            finish[p.index] = p.finish_reason or finish[p.index]
+    choices = [shape.choice(i, "".join(texts[i]), finish[i],
+                            shape.logprobs(tm, ids[i], lps[i], len(echoes[i])))
+               for i in range(n)]
+    return {**head, "choices": choices, "usage": gen.usage.to_dict()}
+
+
+async def _stream(sse: SSEResponse, gen: Generation, tm: TextModel, params: GenParams,
+                  shape: _Shape, head: dict[str, Any], echoes: list[str]) -> None:
+    head = {**head, "object": shape.chunk_object}
+    if params.include_usage:
+        head["usage"] = None
+    offsets = [len(e) for e in echoes]
+    async with gen:
+        await sse.open()
+        for i, echo in enumerate(echoes):
+            # Chat streams open every choice with its role, as OpenAI does; this also sends
+            # the headers at once rather than with the first token.
+            if shape.chat or echo:
+                await sse.send({**head, "choices": [shape.delta(i, echo if not shape.chat
+                                                               else "", None, None, role=True)]})
+        try:
+            async for p in gen.pieces():
+                await _send_piece(sse, p, tm, shape, head, offsets)
+        except FerryError as exc:
+            log.warning("stream %s failed: %s", head["id"], exc.message)
+            await sse.send_error(error_body(exc.status, exc.code, exc.message,
+                                            request_id_of(sse.request), exc.param))
+            await sse.close()
+            return
+    if params.include_usage:
+        await sse.send({**head, "choices": [], "usage": gen.usage.to_dict()})
+    await sse.close()
+
+
+async def _send_piece(sse: SSEResponse, p: Piece, tm: TextModel, shape: _Shape,
+                      head: dict[str, Any], offsets: list[int]) -> None:
+    lp = shape.logprobs(tm, p.token_ids, p.logprobs, offsets[p.index])
+    offsets[p.index] += len(p.text)
+    if p.text or (lp and p.finish_reason is None):
+        await sse.send({**head, "choices": [shape.delta(p.index, p.text, None, lp)]})
+        lp = None
+    if p.finish_reason is not None:
+        await sse.send({**head, "choices": [shape.delta(p.index, None, p.finish_reason, lp)]})
+
+
+# -- embeddings ---------------------------------------------------------------------------------
+
+@routes.post("/v1/embeddings")
+async def embeddings(request: web.Request) -> web.Response:
+    req = parse_embeddings(await read_json(request))
+    emb = await request.app[TEXTS].embedder(req.model)
+    if req.dimensions is not None and req.dimensions != emb.dim:
+        raise InvalidInput(f"model {emb.name!r} returns {emb.dim} dimensions; other values of "
+                           "'dimensions' are not supported", code="unsupported_parameter",
+                           param="dimensions")
+    ids = await _embed_tokens(emb, req.inputs)
+    vectors = await _embed(request, emb, ids)
+    data = []
+    for i, vec in enumerate(vectors):
+        value: Any = (base64.b64encode(vec.astype("<f4").tobytes()).decode()
+                      if req.encoding_format == "base64" else vec.tolist())
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    used = sum(len(x) for x in ids)
+    return web.json_response({"object": "list", "data": data, "model": emb.name,
+                              "usage": {"prompt_tokens": used, "total_tokens": used}},
+                             dumps=_dumps)
+
+
+async def _embed_tokens(emb: Embedder, inputs: list[str | list[int]]) -> list[list[int]]:
+    texts = [x for x in inputs if isinstance(x, str)]
+    encode = emb.tokenizer.encode_batch
+    if sum(len(t) for t in texts) > 8192:
+        encoded = iter(await asyncio.to_thread(encode, texts))
+    else:
+        encoded = iter(encode(texts))
+    vocab = emb.tokenizer.get_vocab_size()
+    out = []
+    for i, x in enumerate(inputs):
+        param = "input" if len(inputs) == 1 else f"input[{i}]"
+        ids = next(encoded).ids if isinstance(x, str) else x
+        if len(ids) > emb.max_length:
+            raise ContextLengthExceeded(f"input is {len(ids)} tokens long; model {emb.name!r} "
+                                        f"takes at most {emb.max_length}", param=param)
+        if not isinstance(x, str) and max(x) >= vocab:
+            raise InvalidInput(f"token id {max(x)} is outside the vocabulary [0, {vocab})",
+                               code="invalid_parameter", param=param)
+        out.append(ids)
+    return out
+
+
+async def _embed(request: web.Request, emb: Embedder, ids: list[list[int]]) -> list[np.ndarray]:
+    """Vectors for every input, in batches of the model's size, sorted by length so padding
+    stays small; each batch is padded to its longest input (padded positions are masked)."""
+    d, settings = request.app[DISPATCHER], request.app[SETTINGS]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches = [order[k:k + emb.max_batch] for k in range(0, len(order), emb.max_batch)]
+    calls = [d.infer(emb.name, emb.version, _batch_arrays(emb, [ids[i] for i in b]),
+                     outputs=[emb.output], timeout_s=settings.request_timeout_s,
+                     request_id=request_id_of(request)) for b in batches]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    vectors: list[np.ndarray] = [np.empty(0)] * len(ids)
+    error: BaseException | None = None
+    for batch, res in zip(batches, results):
+        if isinstance(res, BaseException):
+            error = error or res
+            continue
+        out = np.array(res.arrays[emb.output], dtype=np.float32)     # [B, D], copied
+        res.release()
+        for row, i in enumerate(batch):
+            vectors[i] = out[row]
+    if error is not None:
+        raise error
+    return vectors
+
+
+def _batch_arrays(emb: Embedder, rows: list[list[int]]) -> dict[str, np.ndarray]:
+    width = max(len(r) for r in rows)
+    input_ids = np.zeros((len(rows), width), dtype=np.int64)           # [B, S]
+    mask = np.zeros((len(rows), width), dtype=np.int64)                # [B, S]
+    for i, r in enumerate(rows):
+        input_ids[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    arrays = {"input_ids": input_ids}
+    if "attention_mask" in emb.input_names:
+        arrays["attention_mask"] = mask
+    if "token_type_ids" in emb.input_names:
+        arrays["token_type_ids"] = np.zeros_like(input_ids)
+    return arrays

@@ -1,0 +1,471 @@
+"""The frontend side of text generation: tokenizers per model version, chat templates, and the
+turning of engine token streams into text.
+
+Tokenization and detokenization run here, not in the engine loop (DESIGN.md). A `Generation` is
+one API request: n choices for each of its prompts, all submitted to the engine at once so they
+share batches, merged into one stream of `Piece`s in arrival order. Each choice decodes its
+tokens incrementally and applies the request's stop strings to the decoded text: a tail that
+could still become a stop string is held back, and a completed stop string cuts the text there
+and cancels the engine request at once, so no KV block is held for text nobody will read.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import jinja2
+from aiohttp import web
+
+from daemon.errors import ContextLengthExceeded, FerryError, InvalidInput, ModelNotFound
+from frontends.dispatch import Dispatcher, Stream
+from frontends.http.appkeys import DISPATCHER
+from frontends.http.openai_schema import GenParams
+
+__all__ = ["TextModel", "Embedder", "ModelTexts", "Piece", "Usage", "StopMatcher", "Choice",
+           "Generation", "TEXTS", "install", "encode_prompts", "resolve_model"]
+
+log = logging.getLogger(__name__)
+
+# Prompts longer than this are tokenized on a worker thread so the event loop stays responsive.
+_INLINE_CHARS = 8192
+_FINISH = {"stop": "stop", "length": "length"}
+
+
+def resolve_model(d: Dispatcher, model: str) -> tuple[str, int, dict[str, Any]]:
+    """(name, version, placement entry) for `name`, a SHA-256 id, or `name:version`."""
+    try:
+        name, version, _ = d.resolve(model)
+    except ModelNotFound as exc:
+        base, sep, ver = model.rpartition(":")
+        if not sep or not ver.isdigit():
+            raise ModelNotFound(exc.message, param="model") from None
+        try:
+            name, version, _ = d.resolve(base, int(ver))
+        except ModelNotFound as inner:
+            raise ModelNotFound(inner.message, param="model") from None
+    entry = d.placement.models[name]["versions"][str(version)]  # type: ignore[union-attr]
+    return name, version, entry
+
+
+def _model_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path / "model.toml", "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise FerryError(f"cannot read {path / 'model.toml'}: {exc}", code="model_config_error",
+                         status=500) from exc
+
+
+@dataclass(slots=True)
+class TextModel:
+    """One LLM version's frontend resources."""
+
+    name: str
+    version: int
+    tokenizer: Any                        # engines.llm.tokenizer.Tokenizer
+    context_length: int
+    vocab_size: int
+    template: str | None                  # model.toml [llm] chat_template; None: the model's
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        if self.template is None and not self.tokenizer.chat_template:
+            raise InvalidInput(f"model {self.name!r} has no chat template; use /v1/completions "
+                               "or set [llm] chat_template in its model.toml",
+                               code="no_chat_template", param="messages")
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                      template=self.template)
+        except jinja2.TemplateError as exc:
+            # Templates reject message orders they cannot render (raise_exception()).
+            raise InvalidInput(f"the chat template of {self.name!r} rejected the messages: "
+                               f"{exc}", code="chat_template_error", param="messages") from exc
+
+    async def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        if len(text) <= _INLINE_CHARS:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(self.tokenizer.encode, text,
+                                       add_special_tokens=add_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+@dataclass(slots=True)
+class Embedder:
+    """One embedding model version: its tokenizer and tensor names."""
+
+    name: str
+    version: int
+    tokenizer: Any                        # tokenizers.Tokenizer, truncation and padding off
+    max_length: int
+    input_names: tuple[str, ...]
+    output: str
+    dim: int
+    max_batch: int
+
+
+class ModelTexts:
+    """Tokenizers per model version, loaded once on a worker thread and shared by requests."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.d = dispatcher
+        self._cache: dict[tuple[str, int, str], asyncio.Future] = {}
+
+    async def text_model(self, model: str) -> TextModel:
+        name, version, entry = resolve_model(self.d, model)
+        if entry.get("info", {}).get("kind") != "llm":
+            raise InvalidInput(f"model {name!r} is not a text-generation model; it serves "
+                               "tensors (use /v2/models/.../infer or /v1/embeddings)",
+                               code="model_not_generative", param="model")
+        return await self._get(name, version, entry, _load_text_model)
+
+    async def embedder(self, model: str) -> Embedder:
+        name, version, entry = resolve_model(self.d, model)
+        if entry.get("info", {}).get("kind") == "llm":
+            raise InvalidInput(f"model {name!r} is a text-generation model, not an embedding "
+                               "model", code="model_not_embedding", param="model")
+        return await self._get(name, version, entry, _load_embedder)
+
+    async def _get(self, name: str, version: int, entry: dict[str, Any], loader: Any) -> Any:
+        key = (name, version, str(entry.get("path", "")))
+        fut = self._cache.get(key) or self._load(key, loader, entry)
+        return await asyncio.shield(fut)
+
+    def _load(self, key: tuple[str, int, str], loader: Any, entry: dict[str, Any]
+              ) -> asyncio.Future:
+        fut = asyncio.ensure_future(asyncio.to_thread(loader, key[0], key[1], entry))
+
+        def done(f: asyncio.Future) -> None:
+            if f.cancelled() or f.exception() is None:
+                return
+            log.warning("loading the tokenizer of %s v%d failed: %s", key[0], key[1],
+                        f.exception())
+            if self._cache.get(key) is f:
+                del self._cache[key]        # a fixed model is picked up on the next request
+        fut.add_done_callback(done)
+        self._cache[key] = fut
+        return fut
+
+    def warm(self) -> None:
+        """Start loading tokenizers of every ready version; forget versions that are gone."""
+        pl = self.d.placement
+        if pl is None:
+            return
+        live = set()
+        for name, m in pl.models.items():
+            for ver, entry in m.get("versions", {}).items():
+                if entry.get("state") != "ready":
+                    continue
+                key = (name, int(ver), str(entry.get("path", "")))
+                live.add(key)
+                if key in self._cache:
+                    continue
+                try:
+                    if entry.get("info", {}).get("kind") == "llm":
+                        loader = _load_text_model
+                    elif "tokenizer" in _model_toml(Path(entry["path"])):
+                        loader = _load_embedder
+                    else:
+                        continue
+                except FerryError as exc:
+                    log.warning("tokenizer preload of %s v%s skipped: %s", name, ver,
+                                exc.message)
+                    continue
+                self._load(key, loader, entry)
+        for key in set(self._cache) - live:
+            del self._cache[key]
+
+
+TEXTS = web.AppKey("model_texts", ModelTexts)
+_WARM_PERIOD_S = 0.5
+
+
+def install(app: web.Application) -> None:
+    """Give `app` its tokenizer cache (once, for every route module that needs it), preloading
+    tokenizers as versions become ready so the first request does not pay for the load."""
+    if TEXTS in app:
+        return
+    texts = app[TEXTS] = ModelTexts(app[DISPATCHER])
+
+    async def warm_loop() -> None:
+        epoch = -1
+        while True:
+            pl = texts.d.placement
+            if pl is not None and pl.epoch != epoch:
+                epoch = pl.epoch
+                texts.warm()
+            await asyncio.sleep(_WARM_PERIOD_S)
+
+    async def run(app: web.Application):   # cleanup context: started with the app
+        task = asyncio.create_task(warm_loop())
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    app.cleanup_ctx.append(run)
+
+
+def _load_text_model(name: str, version: int, entry: dict[str, Any]) -> TextModel:
+    from engines.llm.tokenizer import Tokenizer
+
+    path = Path(entry["path"])
+    spec = _model_toml(path)
+    llm = spec.get("llm", {})
+    weights = path / spec["weights"] if spec.get("weights") else path
+    ggufs = [weights] if weights.suffix == ".gguf" else sorted(path.glob("*.gguf"))
+    try:
+        if ggufs:
+            tok = Tokenizer.from_gguf(ggufs[0])
+        else:
+            tok = Tokenizer.from_file(path / "tokenizer.json")
+    except (OSError, ValueError, KeyError) as exc:
+        raise FerryError(f"cannot load the tokenizer of {name!r}: {exc}",
+                         code="tokenizer_error", status=500) from exc
+    extra = entry.get("info", {}).get("extra", {})
+    template = llm.get("chat_template") if isinstance(llm.get("chat_template"), str) else None
+    log.info("tokenizer of %s v%d loaded", name, version)
+    return TextModel(name, version, tok, int(extra.get("context_length", 2048)),
+                     int(extra.get("vocab_size", 0)), template)
+
+
+def _load_embedder(name: str, version: int, entry: dict[str, Any]) -> Embedder:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = Path(entry["path"])
+    section = _model_toml(path).get("tokenizer")
+    info = entry.get("info", {})
+    outputs = [o for o in info.get("outputs", []) if len(o.get("shape", ())) == 2
+               and o.get("dtype", "").startswith("float")]
+    inputs = tuple(i["name"] for i in info.get("inputs", []))
+    if not isinstance(section, dict) or "input_ids" not in inputs or not outputs:
+        raise InvalidInput(f"model {name!r} is not an embedding model (it needs a [tokenizer] "
+                           "table, an input_ids input and a [batch, dim] float output)",
+                           code="model_not_embedding", param="model")
+    out = next((o for o in outputs if o["name"] == "embeddings"), outputs[0])
+    try:
+        tok = HFTokenizer.from_file(str(path / section.get("file", "tokenizer.json")))
+    except Exception as exc:   # the tokenizers library raises plain Exception on a bad file
+        raise FerryError(f"cannot load the tokenizer of {name!r}: {exc}",
+                         code="tokenizer_error", status=500) from exc
+    # Over-long inputs are an error, as with OpenAI, not a silently truncated embedding.
+    tok.no_truncation()
+    tok.no_padding()
+    return Embedder(name, version, tok, int(section.get("max_length", 512)), inputs,
+                    out["name"], int(out["shape"][1]), max(1, int(info.get("max_batch_size", 1))))
+
+
+# -- text from tokens ------------------------------------------------------------------------
+
+class StopMatcher:
+    """Cuts text at the first stop string; holds back a tail that could still start one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self._buf = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, stopped). After a stop, the text after it is dropped."""
+        if not self.stops:
+            return text, False
+        buf = self._buf + text
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._buf = ""
+            return buf[:cut], True
+        hold = self._held_tail(buf)
+        self._buf = buf[len(buf) - hold:] if hold else ""
+        return buf[:len(buf) - hold], False
+
+    def flush(self) -> str:
+        out, self._buf = self._buf, ""
+        return out
+
+    def _held_tail(self, buf: str) -> int:
+        """Length of the longest suffix of `buf` that is a proper prefix of a stop string."""
+        longest = max(len(s) for s in self.stops) - 1
+        for k in range(min(len(buf), longest), 0, -1):
+            tail = buf[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                return k
+        return 0
+
+
+@dataclass(slots=True)
+class Piece:
+    """New output of one choice."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+
+class Choice:
+    """One engine stream turned into text pieces."""
+
+    def __init__(self, index: int, tm: TextModel, stream: Stream, stops: list[str],
+                 usage: Usage, count_cached: bool) -> None:
+        self.index, self.tm, self.stream, self.usage = index, tm, stream, usage
+        self.matcher = StopMatcher(stops)
+        self.count_cached = count_cached
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        from engines.llm.tokenizer import IncrementalDecoder
+
+        decoder = IncrementalDecoder(self.tm.tokenizer, skip_special_tokens=True)
+        ids: list[int] = []
+        lps: list[float] | None = None
+        async for msg in self.stream:
+            if msg.prompt_tokens and self.count_cached:
+                self.usage.cached_tokens += msg.cached_tokens
+            self.usage.completion_tokens += len(msg.token_ids)
+            ids.extend(msg.token_ids)
+            if msg.logprobs is not None:
+                lps = (lps or []) + list(msg.logprobs)
+            text = decoder.push(msg.token_ids)
+            if msg.finished:
+                text += decoder.flush()
+            out, stopped = self.matcher.push(text)
+            if stopped:
+                await self.stream.cancel()
+                yield Piece(self.index, out, ids, lps, "stop")
+                return
+            if msg.finished:
+                yield Piece(self.index, out + self.matcher.flush(), ids, lps,
+                            _finish_reason(msg.finish_reason))
+                return
+            if out:
+                yield Piece(self.index, out, ids, lps)
+                ids, lps = [], None
+
+
+def _finish_reason(reason: str | None) -> str:
+    if reason in _FINISH:
+        return _FINISH[reason]
+    raise FerryError(f"the engine ended the generation ({reason})", code="generation_aborted",
+                     status=503)
+
+
+@dataclass(slots=True)
+class Generation:
+    """All choices of one request. Use `async with`: leaving it cancels what is still running."""
+
+    choices: list[Choice]
+    usage: Usage
+    prompt_ids: list[list[int]]
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, d: Dispatcher, tm: TextModel, prompts: list[list[int]],
+                    params: GenParams, *, request_id: str = "",
+                    prompt_param: str = "prompt") -> Generation:
+        budgets = [_max_tokens(tm, len(p), params.max_tokens, prompt_param) for p in prompts]
+        _check_token_ids(tm, params.stop_token_ids, "stop_token_ids")
+        usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
+        gen = cls([], usage, prompts)
+        try:
+            for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+                for j in range(params.n):
+                    stream = await d.generate(tm.name, tm.version, prompt,
+                                              params.engine_params(budget, j), request_id)
+                    gen.choices.append(Choice(i * params.n + j, tm, stream, params.stop, usage,
+                                              count_cached=j == 0))
+        except BaseException:
+            await gen.close()
+            raise
+        return gen
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for choice in self.choices:
+            await choice.stream.cancel()     # a no-op for streams that finished
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        """Pieces of every choice in arrival order; each choice ends with a finish_reason."""
+        if len(self.choices) == 1:
+            async for piece in self.choices[0].pieces():
+                yield piece
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        self._tasks = [asyncio.create_task(_pump(c, queue)) for c in self.choices]
+        remaining = len(self.choices)
+        while remaining:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finish_reason is not None:
+                remaining -= 1
+            yield item
+
+
+async def _pump(choice: Choice, queue: asyncio.Queue) -> None:
+    try:
+        async for piece in choice.pieces():
+            queue.put_nowait(piece)
+    except FerryError as exc:
+        queue.put_nowait(exc)
+
+
+def _max_tokens(tm: TextModel, prompt_len: int, asked: int | None, prompt_param: str) -> int:
+    ctx = tm.context_length
+    if prompt_len >= ctx:
+        raise ContextLengthExceeded(
+            f"the prompt is {prompt_len} tokens long; model {tm.name!r} has a context length "
+            f"of {ctx} tokens, which must also hold at least one generated token",
+            param=prompt_param)
+    if asked is None:
+        return ctx - prompt_len
+    if prompt_len + asked > ctx:
+        raise ContextLengthExceeded(
+            f"the prompt ({prompt_len} tokens) plus max_tokens ({asked}) exceeds the context "
+            f"length of model {tm.name!r} ({ctx} tokens); lower max_tokens to at most "
+            f"{ctx - prompt_len}", param="max_tokens")
+    return asked
+
+
+def _check_token_ids(tm: TextModel, ids: list[int], param: str) -> None:
+    bad = [t for t in ids if tm.vocab_size and t >= tm.vocab_size]
+    if bad:
+        raise InvalidInput(f"token id {bad[0]} is outside the vocabulary of {tm.name!r} "
+                           f"[0, {tm.vocab_size})", code="invalid_parameter", param=param)
+
+
+async def encode_prompts(tm: TextModel, prompts: list[str | list[int]]) -> list[list[int]]:
+    """Token ids for completion prompts (text gets the model's BOS as its tokenizer adds it)."""
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            ids = await tm.encode(p, add_special_tokens=True)
+            if not ids:
+                raise InvalidInput("the prompt is empty (no tokens)", code="empty_prompt",
+                                   param="prompt")
+        else:
+            _check_token_ids(tm, p, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
+            ids = p
+        out.append(ids)
+    return out

@@ -1,0 +1,234 @@
+"""WebSocket `/v1/ws`: many generation requests multiplexed on one socket, each named by a
+client-chosen `id`.
+
+Client → server (JSON text frames):
+
+    {"type": "auth", "token": "..."}
+    {"type": "inference", "id": "r1", "model": "smollm2", "prompt": "..." | "messages": [...],
+     "max_tokens": 32, "stream": true, ...}       # any /v1/completions or chat field
+    {"type": "cancel", "id": "r1"}
+    {"type": "ping", ...}                          # anything else in it is echoed back
+
+Server → client:
+
+    {"type": "token", "id": "r1", "choice": 0, "index": 0, "token": "Once"}   # stream: true
+    {"type": "complete", "id": "r1", "model": "smollm2", "text": "...", "finish_reason": "stop",
+     "choices": [{"index": 0, "text": "...", "finish_reason": "stop"}], "usage": {...}}
+    {"type": "error", "id": "r1" | null, "code": "...", "message": "...", "param": ..., "status": 400}
+    {"type": "pong", ...}
+    {"type": "auth", "ok": true}
+
+A cancelled request ends with `complete` and finish_reason "cancelled" (with the text so far).
+Closing the socket cancels every request it holds in the engine at once. Bad messages answer
+`error` and leave the socket open.
+
+Auth hook: when the security layer sets `app[WS_AUTH]` to `async (request, token) -> principal`,
+the socket is accepted only after the hook returns a principal — for `token=None` at connect
+(credentials on the upgrade request; browsers cannot set headers on WebSockets, hence the
+message) or for the token of an `auth` message; the hook raises `Unauthorized` to refuse. Without
+the hook, `auth` messages are acknowledged and ignored.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Awaitable, Callable
+
+from aiohttp import WSMsgType, web
+
+from daemon.errors import FerryError, InvalidInput, RateLimited, Unauthorized
+from frontends.http.appkeys import DISPATCHER
+from frontends.http.errors import request_id_of
+from frontends.http.openai_schema import parse_chat, parse_completion, require_object
+from frontends.http.textgen import TEXTS, Generation, encode_prompts, install
+
+__all__ = ["routes", "setup", "WS_AUTH", "Authenticator", "MAX_INFLIGHT"]
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+Authenticator = Callable[[web.Request, "str | None"], Awaitable[Any]]
+WS_AUTH = web.AppKey("ws_authenticator", object)    # an Authenticator; absent: no auth
+MAX_INFLIGHT = 64            # concurrent requests per socket
+MAX_MESSAGE = 1 << 20
+_HEARTBEAT_S = 30.0
+
+
+def setup(app: web.Application) -> None:
+    install(app)
+    app.add_routes(routes)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+class _Session:
+    """One socket: its requests in flight and the handler for each client message type."""
+
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        self.request, self.ws = request, ws
+        self.tasks: dict[Any, asyncio.Task] = {}
+        self.cancelled: set[Any] = set()
+        self.auth: Authenticator | None = request.app.get(WS_AUTH)  # type: ignore[assignment]
+        self.principal: Any = None
+        self.handlers: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {
+            "auth": self.on_auth, "inference": self.on_inference, "cancel": self.on_cancel,
+            "ping": self.on_ping}
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        try:
+            await self.ws.send_str(_dumps(obj))
+        except ConnectionResetError:
+            pass    # the socket is closing; the receive loop ends and cancels what is left
+
+    async def send_error(self, rid: Any, exc: FerryError) -> None:
+        await self.send({"type": "error", "id": rid, "code": exc.code, "message": exc.message,
+                         "param": exc.param, "status": exc.status})
+
+    async def on_connect(self) -> None:
+        if self.auth is not None:
+            try:
+                self.principal = await self.auth(self.request, None)
+            except Unauthorized:
+                self.principal = None      # an auth message may still follow
+
+    async def on_text(self, data: str) -> None:
+        rid = None
+        try:
+            try:
+                msg = require_object(json.loads(data))
+            except ValueError:
+                raise InvalidInput("the message is not valid JSON", code="invalid_json") from None
+            rid = msg.get("id")
+            handler = self.handlers.get(msg.get("type"))  # type: ignore[arg-type]
+            if handler is None:
+                raise InvalidInput(f"unknown message type {msg.get('type')!r}; expected auth, "
+                                   "inference, cancel or ping", code="unknown_type",
+                                   param="type")
+            await handler(msg)
+        except FerryError as exc:
+            await self.send_error(rid if _valid_id(rid) else None, exc)
+
+    async def on_auth(self, msg: dict[str, Any]) -> None:
+        token = msg.get("token")
+        if token is not None and not isinstance(token, str):
+            raise InvalidInput("'token' must be a string", code="invalid_parameter",
+                               param="token")
+        if self.auth is not None:
+            self.principal = await self.auth(self.request, token)   # raises Unauthorized
+        await self.send({"type": "auth", "ok": True})
+
+    async def on_ping(self, msg: dict[str, Any]) -> None:
+        await self.send({**msg, "type": "pong"})
+
+    async def on_cancel(self, msg: dict[str, Any]) -> None:
+        rid = msg.get("id")
+        task = self.tasks.get(rid) if _valid_id(rid) else None
+        if task is None:
+            raise FerryError(f"no request {rid!r} is in flight on this socket",
+                             code="unknown_request", status=404, param="id")
+        self.cancelled.add(rid)
+        task.cancel()
+
+    async def on_inference(self, msg: dict[str, Any]) -> None:
+        rid = msg.get("id")
+        if not _valid_id(rid):
+            raise InvalidInput("'id' must be a string of 1 to 128 characters or an integer",
+                               code="invalid_parameter", param="id")
+        if self.auth is not None and self.principal is None:
+            raise Unauthorized("authenticate first: send {\"type\": \"auth\", \"token\": ...}")
+        if rid in self.tasks:
+            raise InvalidInput(f"request {rid!r} is already in flight on this socket",
+                               code="duplicate_id", param="id")
+        if len(self.tasks) >= MAX_INFLIGHT:
+            raise RateLimited(f"at most {MAX_INFLIGHT} requests may be in flight on one socket")
+        self.tasks[rid] = asyncio.create_task(self.run(rid, msg))
+
+    async def run(self, rid: Any, msg: dict[str, Any]) -> None:
+        texts: list[list[str]] = []
+        finish: list[str | None] = []
+        name, usage = msg.get("model"), None
+        try:
+            gen, stream = await self._start(msg)
+            name, usage = gen.choices[0].tm.name, gen.usage
+            texts = [[] for _ in gen.choices]
+            finish = [None] * len(gen.choices)
+            counts = [0] * len(gen.choices)
+            async with gen:
+                async for p in gen.pieces():
+                    texts[p.index].append(p.text)
+                    finish[p.index] = p.finish_reason
+                    if stream and p.text:
+                        await self.send({"type": "token", "id": rid, "choice": p.index,
+                                         "index": counts[p.index], "token": p.text})
+                        counts[p.index] += 1
+        except FerryError as exc:
+            await self.send_error(rid, exc)
+            return
+        except asyncio.CancelledError:
+            if rid not in self.cancelled:
+                raise        # the socket closed: nobody to tell
+            finish = [f or "cancelled" for f in finish] or ["cancelled"]
+            texts = texts or [[]]
+        finally:
+            self.tasks.pop(rid, None)
+            self.cancelled.discard(rid)
+        await self.send(_complete(rid, name, texts, finish, usage))
+
+    async def _start(self, msg: dict[str, Any]) -> tuple[Generation, bool]:
+        body = {k: v for k, v in msg.items() if k not in ("type", "id")}
+        body.setdefault("stream", True)
+        texts, d = self.request.app[TEXTS], self.request.app[DISPATCHER]
+        rid = f"{request_id_of(self.request)}:{msg['id']}"     # the socket's id + the client's
+        if "messages" in body:
+            chat = parse_chat(body)
+            tm = await texts.text_model(chat.model)
+            ids = await tm.encode(tm.render_chat(chat.messages), add_special_tokens=False)
+            gen = await Generation.start(d, tm, [ids], chat.params, request_id=rid,
+                                         prompt_param="messages")
+            return gen, chat.params.stream
+        req = parse_completion(body)
+        tm = await texts.text_model(req.model)
+        prompts = await encode_prompts(tm, req.prompts)
+        gen = await Generation.start(d, tm, prompts, req.params, request_id=rid)
+        return gen, req.params.stream
+
+    async def close(self) -> None:
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _valid_id(rid: Any) -> bool:
+    return (isinstance(rid, str) and 0 < len(rid) <= 128) or (
+        isinstance(rid, int) and not isinstance(rid, bool))
+
+
+def _complete(rid: Any, model: Any, texts: list[list[str]], finish: list[str | None],
+              usage: Any) -> dict[str, Any]:
+    choices = [{"index": i, "text": "".join(t), "finish_reason": f}
+               for i, (t, f) in enumerate(zip(texts, finish))]
+    return {"type": "complete", "id": rid, "model": model, "text": choices[0]["text"],
+            "finish_reason": choices[0]["finish_reason"], "choices": choices,
+            "usage": usage.to_dict() if usage is not None else None}
+
+
+@routes.get("/v1/ws")
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(heartbeat=_HEARTBEAT_S, max_msg_size=MAX_MESSAGE)
+    await ws.prepare(request)
+    session = _Session(request, ws)
+    await session.on_connect()
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await session.on_text(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await session.send_error(None, InvalidInput(
+                    "binary frames are not accepted; send JSON text", code="invalid_json"))
+    finally:
+        await session.close()
+    return ws
