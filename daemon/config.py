@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from daemon.errors import ConfigError
+from daemon.repository import select_versions
 
 __all__ = ["ServerConfig", "PathsConfig", "EnginesConfig", "RepositoryConfig", "ShmConfig",
            "AuthConfig", "LoggingConfig", "Config", "load_config", "ENV_OVERRIDES"]
@@ -200,20 +201,33 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("server.workers", f"must be 1..64, got {s.workers}")
     if s.max_body_mb < 1:
         raise ConfigError("server.max_body_mb", "must be at least 1")
-    if s.drain_grace_s < 0:
+    if not s.drain_grace_s >= 0:   # written so that nan fails too
         raise ConfigError("server.drain_grace_s", "must be >= 0")
+    if not s.request_timeout_s > 0:
+        raise ConfigError("server.request_timeout_s", "must be > 0")
+    if cfg.engines.threads < 0:
+        raise ConfigError("engines.threads", "must be >= 0 (0: library default)")
+    if not cfg.engines.restart_backoff_s or not all(b >= 0 for b in cfg.engines.restart_backoff_s):
+        raise ConfigError("engines.restart_backoff_s", "must be a non-empty list of seconds >= 0")
+    if cfg.shm.inline_threshold_kb < 0:
+        raise ConfigError("shm.inline_threshold_kb", "must be >= 0")
     if cfg.repository.control_mode not in ("none", "poll", "explicit"):
         raise ConfigError("repository.control_mode", "must be none, poll or explicit")
-    if cfg.repository.poll_interval_s <= 0:
+    if not cfg.repository.poll_interval_s > 0:
         raise ConfigError("repository.poll_interval_s", "must be > 0")
+    # a bad policy must stop `ferry serve` at start, not the first repository scan
+    select_versions({}, cfg.repository.version_policy)
     if cfg.shm.arena_mb < 1:
         raise ConfigError("shm.arena_mb", "must be at least 1")
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError("logging.level", "must be debug, info, warning, error or critical")
     if cfg.logging.format not in ("json", "text"):
         raise ConfigError("logging.format", "must be json or text")
+    if not cfg.engines.devices:
+        raise ConfigError("engines.devices", "must name at least one device")
     for dev in cfg.engines.devices:
-        if dev not in ("auto", "cpu") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+        if dev not in ("auto", "cpu") and not (dev.startswith("cuda:") and dev[5:].isascii()
+                                             and dev[5:].isdigit()):
             raise ConfigError("engines.devices", f"unknown device {dev!r} (auto, cpu, cuda:N)")
     for cidr in cfg.auth.allow_ips:
         try:
@@ -232,8 +246,10 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None
                 raw = tomllib.load(fh)
         except FileNotFoundError:
             raise ConfigError("--config", f"file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError("--config", f"invalid TOML in {path}: {exc}") from None
+        except OSError as exc:   # a directory, no permission
+            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
         for sname, values in raw.items():
             if not isinstance(values, dict):
                 raise ConfigError(sname, "must be a table")

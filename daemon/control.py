@@ -1,6 +1,7 @@
 """Operations the supervisor performs on request from frontends and the CLI (its control socket).
 
     frontend_ready   a frontend is listening
+    validate         load a candidate model privately on one engine, then unload it
     index            repository index (Triton's /v2/repository/index)
     load / unload    one model, every version the policy selects
     register_region / unregister_region   client shared-memory regions, daemon-wide
@@ -137,6 +138,12 @@ async def handle_control(sup: Supervisor, op: str, args: dict[str, Any]) -> dict
         return await _register_region(sup, args)
     if op == "unregister_region":
         return await _unregister_region(sup, args)
+    if op == "validate":
+        from pathlib import Path
+        name, version, path = args.get("name"), args.get("version"), args.get("path")
+        if not isinstance(name, str) or not isinstance(version, int) or not isinstance(path, str):
+            raise InvalidInput("validate needs name, version and path", code="bad_message")
+        return {"info": await sup.validate(name, version, Path(path))}
     if op == "reload":
         await sup.reload()
         return {}

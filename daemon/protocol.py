@@ -47,6 +47,11 @@ def _need(cond: bool, what: str) -> None:
         raise BadMessage(f"malformed message: {what}")
 
 
+def _is_int(x: Any) -> bool:
+    # bool is an int subclass; True must not pass for a frame index, offset or version
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 @dataclass(slots=True, frozen=True)
 class ShmLoc:
     region: str
@@ -77,21 +82,20 @@ class TensorRef:
         _need(isinstance(d, dict), "tensor must be a map")
         name, dtype, shape, loc = d.get("name"), d.get("dtype"), d.get("shape"), d.get("loc")
         _need(isinstance(name, str) and len(name) < 256, "tensor name")
-        _need(dtype in DTYPES, f"tensor dtype {dtype!r}")
+        _need(isinstance(dtype, str) and dtype in DTYPES, f"tensor dtype {dtype!r:.60}")
         _need(isinstance(shape, list) and len(shape) <= MAX_RANK
-              and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**40
-                      for x in shape), "tensor shape")
+              and all(_is_int(x) and 0 <= x < 2**40 for x in shape), "tensor shape")
         _need(isinstance(loc, dict), "tensor loc")
         ref = cls(name, dtype, tuple(shape))
         if "frame" in loc:
             idx = loc["frame"]
-            _need(isinstance(idx, int) and 0 <= idx < n_frames, "tensor frame index")
+            _need(_is_int(idx) and 0 <= idx < n_frames, "tensor frame index")
             ref.frame = idx
         else:
             region, offset, nbytes = loc.get("region"), loc.get("offset"), loc.get("nbytes")
             _need(isinstance(region, str) and 0 < len(region) < 200, "shm region")
-            _need(isinstance(offset, int) and offset >= 0, "shm offset")
-            _need(isinstance(nbytes, int) and nbytes >= 0, "shm nbytes")
+            _need(_is_int(offset) and offset >= 0, "shm offset")
+            _need(_is_int(nbytes) and nbytes >= 0, "shm nbytes")
             _need(nbytes == ref.nbytes, "shm nbytes does not match dtype and shape")
             ref.shm = ShmLoc(region, offset, nbytes)
         return ref
@@ -327,7 +331,7 @@ def _shm_list(raw: Any) -> list[ShmLoc]:
     out = []
     for item in raw:
         _need(isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
-              and all(isinstance(x, int) and x >= 0 for x in item[1:]), "shm location")
+              and all(_is_int(x) and x >= 0 for x in item[1:]), "shm location")
         out.append(ShmLoc(item[0], item[1], item[2]))
     return out
 
@@ -372,12 +376,14 @@ def decode(frames: list[Any]) -> tuple[Message, list[Any]]:
         raise BadMessage(f"malformed message: header is not msgpack ({type(exc).__name__})")
     _need(isinstance(header, dict), "header must be a map")
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if not _is_int(version) or version != PROTOCOL_VERSION:
         raise ProtocolMismatch(
-            f"protocol version {version!r} is not supported (this side speaks "
+            f"protocol version {version!r:.60} is not supported (this side speaks "
             f"{PROTOCOL_VERSION})")
-    cls = _REGISTRY.get(header.get("t"))  # type: ignore[arg-type]
-    _need(cls is not None, f"unknown message type {header.get('t')!r}")
+    mtype = header.get("t")
+    # an unhashable "t" (a list or map) must be a bad message, not a TypeError
+    cls = _REGISTRY.get(mtype) if isinstance(mtype, str) else None
+    _need(cls is not None, f"unknown message type {mtype!r:.60}")
     buffers = list(frames[1:])
     kwargs: dict[str, Any] = {}
     for f in fields(cls):

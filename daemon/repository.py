@@ -21,7 +21,9 @@ def scan(root: Path) -> dict[str, dict[int, Path]]:
             continue
         versions = {}
         for vdir in model_dir.iterdir():
-            if vdir.is_dir() and vdir.name.isdigit() and int(vdir.name) > 0 \
+            # isascii: isdigit() alone accepts names such as '²' that int() refuses
+            if vdir.is_dir() and vdir.name.isascii() and vdir.name.isdigit() \
+                    and int(vdir.name) > 0 \
                     and (vdir / "model.toml").is_file():
                 versions[int(vdir.name)] = vdir
         if versions:
@@ -32,13 +34,37 @@ def scan(root: Path) -> dict[str, dict[int, Path]]:
 def select_versions(available: dict[int, Path], policy: str) -> dict[int, Path]:
     """Apply a version policy: `latest:N`, `all`, or `specific:1,3`."""
     kind, _, arg = policy.partition(":")
-    if kind == "all":
+    if policy == "all":
         return dict(available)
     if kind == "latest":
-        n = int(arg or "1")
-        keep = sorted(available)[-n:]
+        # latest:0 would slice [-0:] and keep every version
+        n = _positive_ints(policy, arg or "1")
+        if len(n) != 1:
+            raise ConfigError("repository.version_policy", f"bad policy {policy!r}")
+        keep = sorted(available)[-n[0]:]
         return {v: available[v] for v in keep}
     if kind == "specific":
-        wanted = {int(x) for x in arg.split(",") if x.strip()}
+        wanted = set(_positive_ints(policy, arg))
         return {v: p for v, p in available.items() if v in wanted}
     raise ConfigError("repository.version_policy", f"unknown policy {policy!r}")
+
+
+def _positive_ints(policy: str, arg: str) -> list[int]:
+    items = [x.strip() for x in arg.split(",") if x.strip()]
+    if not items or not all(x.isascii() and x.isdigit() and int(x) > 0 for x in items):
+        raise ConfigError("repository.version_policy",
+                          f"bad policy {policy!r}: versions must be positive integers")
+    return [int(x) for x in items]
+
+
+def fingerprint(version_dir: Path) -> tuple:
+    """Cheap change detector for poll mode: (name, size, mtime) of every file in the version."""
+    out = []
+    for path in sorted(version_dir.rglob("*")):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if path.is_file():
+            out.append((str(path.relative_to(version_dir)), st.st_size, st.st_mtime_ns))
+    return tuple(out)

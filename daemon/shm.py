@@ -13,6 +13,7 @@ reader-side map of regions with bounds-checked views.
 from __future__ import annotations
 
 import bisect
+import logging
 import mmap
 import os
 import re
@@ -26,6 +27,8 @@ from daemon.errors import Busy, FerryError, InvalidInput
 from daemon.protocol import ShmLoc, TensorRef
 
 __all__ = ["SHM_DIR", "ALIGN", "Arena", "Region", "RegionMap", "reclaim", "segment_name"]
+
+log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 ALIGN = 64
@@ -54,6 +57,9 @@ class Arena:
         try:
             os.ftruncate(fd, self.size)
             self._mm = mmap.mmap(fd, self.size)
+        except BaseException:
+            self._path.unlink()   # a segment we failed to set up must not outlive us
+            raise
         finally:
             os.close(fd)
         self.buf = memoryview(self._mm)
@@ -61,6 +67,7 @@ class Arena:
         self._free_offsets: list[int] = [0]          # sorted start offsets of free runs
         self._free_sizes: dict[int, int] = {0: self.size}
         self._used: dict[int, int] = {}              # offset → size of live blocks
+        self._used_total = 0                         # sum of _used, read without the lock
         self.high_water = 0
 
     # -- allocator --------------------------------------------------------------------------
@@ -78,10 +85,12 @@ class Arena:
                         self._free_offsets.insert(i, rest)
                         self._free_sizes[rest] = run - need
                     self._used[off] = need
-                    self.high_water = max(self.high_water, self.used_bytes)
+                    self._used_total += need
+                    self.high_water = max(self.high_water, self._used_total)
                     return off
+            free = self.size - self._used_total
         raise Busy(f"shared-memory arena {self.name} is full ({nbytes} bytes requested, "
-                   f"{self.free_bytes} free in fragments)", code="shm_arena_full")
+                   f"{free} free in fragments)", code="shm_arena_full")
 
     def free(self, offset: int) -> None:
         with self._lock:
@@ -89,6 +98,7 @@ class Arena:
             if size is None:
                 raise InvalidInput(f"offset {offset} is not an allocated block of {self.name}",
                                    code="shm_bad_free")
+            self._used_total -= size
             i = bisect.bisect_left(self._free_offsets, offset)
             # coalesce with the following run
             if i < len(self._free_offsets) and self._free_offsets[i] == offset + size:
@@ -113,7 +123,7 @@ class Arena:
 
     @property
     def used_bytes(self) -> int:
-        return sum(self._used.values())
+        return self._used_total
 
     @property
     def free_bytes(self) -> int:
@@ -216,7 +226,8 @@ class RegionMap:
     def region(self, name: str) -> Region:
         region = self._regions.get(name)
         if region is None:
-            if not name.startswith(self._own_prefix):
+            # the name becomes a path under /dev/shm: '/' or NUL in it must never reach open()
+            if not name.startswith(self._own_prefix) or not _KEY_RE.fullmatch(name):
                 raise InvalidInput(f"shared-memory region {name!r} is not registered",
                                    code="shm_unknown_region")
             region = self._map(name, name, 0, None)
@@ -260,12 +271,20 @@ def reclaim(instance: str, pid: int | None = None) -> list[str]:
             continue
         if pid is not None and not name.endswith(f"-{pid}"):
             continue
-        try:
-            path.unlink()
+        if _unlink(path):
             removed.append(name)
-        except FileNotFoundError:
-            pass
     return removed
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:   # another user's file in sticky /dev/shm, or a directory
+        log.warning("cannot remove shared-memory segment %s: %s", path.name, exc.strerror)
+        return False
 
 
 def reclaim_orphans() -> list[str]:
@@ -281,18 +300,16 @@ def reclaim_orphans() -> list[str]:
         if not name.startswith("ferry-"):
             continue
         pid_text = name.rsplit("-", 1)[-1]
-        if not pid_text.isdigit():
+        # isdigit() alone accepts '²' and other digits int() refuses
+        if not (pid_text.isascii() and pid_text.isdigit()) or len(pid_text) > 10:
             continue
         try:
             os.kill(int(pid_text), 0)
             continue   # owner alive
         except ProcessLookupError:
             pass
-        except PermissionError:
-            continue   # alive, another user's
-        try:
-            path.unlink()
+        except (PermissionError, OverflowError):
+            continue   # alive and another user's; or no pid at all
+        if _unlink(path):
             removed.append(name)
-        except FileNotFoundError:
-            pass
     return removed

@@ -25,7 +25,7 @@ from daemon.config import Config
 from daemon.devices import discover_devices
 from daemon.errors import FerryError, InvalidInput, error_from_wire
 from daemon.notify import Notifier
-from daemon.repository import scan, select_versions
+from daemon.repository import fingerprint, scan, select_versions
 from daemon.shm import reclaim, reclaim_orphans
 
 __all__ = ["Supervisor", "ModelVersion"]
@@ -44,6 +44,7 @@ class ModelVersion:
     sha256: str | None = None
     engine_kind: str = ""
     error: str | None = None
+    fingerprint: tuple = ()
 
 
 class Supervisor:
@@ -110,6 +111,7 @@ class Supervisor:
             self._start_frontends()
             tasks.append(asyncio.create_task(self._watch_loop()))
             tasks.append(asyncio.create_task(self._watchdog_loop()))
+            tasks.append(asyncio.create_task(self._poll_loop()))
             await self._wait_frontends_ready()
             self._set_state("ready")
             self.notifier.ready(self._status_line())
@@ -261,7 +263,9 @@ class Supervisor:
                     wanted[(name, v)] = path
             if self.cfg.repository.control_mode == "explicit" and self.state != "starting":
                 wanted = {k: p for k, p in wanted.items() if k in self.models}
-            loads = [k for k in wanted if k not in self.models or self.models[k].state == "failed"]
+            loads = [k for k in wanted if k not in self.models or self.models[k].state == "failed"
+                     or (self.models[k].state == "ready"
+                         and self.models[k].fingerprint != fingerprint(wanted[k]))]
             results = await asyncio.gather(*(self._load(k[0], k[1], wanted[k]) for k in loads))
             stale = [k for k in self.models if k not in wanted]
             await self._unload_many(stale)
@@ -269,20 +273,32 @@ class Supervisor:
                     "unloaded": [f"{n}:{v}" for n, v in stale]}
 
     async def _load(self, name: str, version: int, path: Path) -> bool:
+        """Load (or reload in place) a version on every live engine. A reload keeps serving the
+        old weights until the new ones are loaded and warm; the engine swaps them atomically."""
         from daemon.repository_spec import load_spec
+        current = self.models.get((name, version))
+        reloading = current is not None and current.state == "ready"
         mv = ModelVersion(name, version, path)
-        self.models[(name, version)] = mv
+        if not reloading:
+            self.models[(name, version)] = mv
         try:
-            spec = load_spec(path, name, version)
+            mv.fingerprint = fingerprint(path)
+            spec = await asyncio.get_running_loop().run_in_executor(
+                None, load_spec, path, name, version)    # hashing weights must not block
             mv.sha256, mv.engine_kind = spec.sha256, spec.engine
             targets = self._alive_engines()
             replies = await asyncio.gather(*(self.engine_call(
                 eid, P.Load(uuid.uuid4().hex, name, version, str(path))) for eid in targets))
         except FerryError as exc:
-            mv.state, mv.error = "failed", exc.message
             log.error("model %s v%d failed to load: %s", name, version, exc.message)
+            if reloading:   # keep serving what works; a fixed file is retried on change
+                current.fingerprint = mv.fingerprint  # type: ignore[union-attr]
+                current.error = exc.message  # type: ignore[union-attr]
+                return False
+            mv.state, mv.error = "failed", exc.message
             self.publish()
             return False
+        self.models[(name, version)] = mv
         mv.engines, mv.info = targets, replies[0].info  # type: ignore[attr-defined]
         mv.state = "ready"
         log.info("model %s v%d ready on %s", name, version, ",".join(targets))
@@ -404,6 +420,41 @@ class Supervisor:
         self.publish()
         self.notifier.status(self._status_line())
         log.info("engine %s is back (generation %d)", eid, child.generation)
+
+    async def _poll_loop(self) -> None:
+        """control_mode = "poll": apply repository changes (new, removed or changed versions)."""
+        last: tuple | None = None
+        while True:
+            await asyncio.sleep(self.cfg.repository.poll_interval_s)
+            if self.cfg.repository.control_mode != "poll" or self.state == "draining":
+                continue
+            current = self._repository_fingerprint()
+            if current != last and last is not None:
+                log.info("model repository changed; applying")
+                try:
+                    await self.apply_repository()
+                except Exception:   # a bad repository state must not stop polling
+                    log.exception("applying the repository failed")
+                    current = None
+            last = current
+
+    def _repository_fingerprint(self) -> tuple:
+        return tuple((name, v, fingerprint(p)) for name, versions in
+                     sorted(scan(self.cfg.model_repository).items())
+                     for v, p in sorted(versions.items()))
+
+    async def validate(self, name: str, version: int, path: Path) -> dict[str, Any]:
+        """Load a candidate model on one engine under a private name, then unload it: what an
+        upload must pass before it becomes visible."""
+        engines = self._alive_engines()
+        if not engines:
+            raise FerryError("no engine is available to validate the model",
+                             code="engine_unavailable", status=503)
+        probe = f"{name}.validate-{uuid.uuid4().hex[:8]}"
+        reply = await self.engine_call(engines[0], P.Load(uuid.uuid4().hex, probe, version,
+                                                          str(path)))
+        await self.engine_call(engines[0], P.Unload(uuid.uuid4().hex, probe, version))
+        return reply.info or {}  # type: ignore[attr-defined]
 
     async def _watchdog_loop(self) -> None:
         """WATCHDOG=1 only while every live engine answers: a hung engine stops the pings."""

@@ -102,6 +102,7 @@ class EngineIO(threading.Thread):
 class Pending:
     identity: bytes
     key: tuple[str, int]
+    engine: Engine
     out_shm: dict[str, P.ShmLoc] | None
     request_id: str
 
@@ -115,6 +116,7 @@ class EngineHost:
         self.io, self.arena, self.regions = io, arena, regions
         self.inline_threshold = inline_threshold
         self.engines: dict[tuple[str, int], Engine] = {}
+        self.retiring: list[tuple[tuple[str, int], Engine]] = []   # replaced, finishing work
         self.draining: dict[tuple[str, int], tuple[bytes, str]] = {}
         self.pending: dict[str, Pending] = {}
         self.loads: queue.SimpleQueue = queue.SimpleQueue()
@@ -145,7 +147,7 @@ class EngineHost:
     def _engine_for(self, model: str, version: int) -> Engine:
         key = (model, version)
         engine = self.engines.get(key)
-        if engine is None or key in self.draining:
+        if engine is None:
             raise ModelNotFound(f"model {model!r} version {version} is not loaded on engine "
                                 f"{self.engine_id}")
         return engine
@@ -172,7 +174,7 @@ class EngineHost:
         now = time.monotonic()
         deadline = now + msg.timeout_ms / 1000 if msg.timeout_ms > 0 else None
         engine.submit(TensorRequest(msg.id, inputs, msg.outputs, deadline, now))
-        self.pending[msg.id] = Pending(identity, (msg.model, msg.version), msg.out_shm,
+        self.pending[msg.id] = Pending(identity, (msg.model, msg.version), engine, msg.out_shm,
                                        msg.request_id)
         self.counters["requests"] += 1
 
@@ -189,16 +191,15 @@ class EngineHost:
         except TypeError as exc:
             raise InvalidInput(f"bad sampling parameters: {exc}", code="invalid_parameter")
         engine.submit(GenerateRequest(msg.id, ids, params, time.monotonic()))
-        self.pending[msg.id] = Pending(identity, (msg.model, msg.version), None, msg.request_id)
+        self.pending[msg.id] = Pending(identity, (msg.model, msg.version), engine, None,
+                                       msg.request_id)
         self.counters["requests"] += 1
 
     def on_cancel(self, identity: bytes, msg: P.Cancel, _b: list[Any]) -> None:
         pend = self.pending.get(msg.id)
         if pend is None:
             return   # already finished: cancel is idempotent
-        engine = self.engines.get(pend.key)
-        if engine is not None:
-            self.emit(engine.cancel(msg.id))
+        self.emit(pend.engine.cancel(msg.id))
 
     def on_free(self, _identity: bytes, msg: P.Free, _b: list[Any]) -> None:
         pass   # frees were applied in handle()
@@ -241,10 +242,11 @@ class EngineHost:
             if exc is not None:
                 self.reply_error(identity, msg.id, exc)
                 continue
-            old = self.engines.get((msg.name, msg.version))
-            self.engines[(msg.name, msg.version)] = engine
-            if old is not None:
-                old.unload()
+            key = (msg.name, msg.version)
+            old = self.engines.get(key)
+            self.engines[key] = engine
+            if old is not None:   # an in-place reload: the old one finishes what it holds
+                self.retiring.append((key, old))
             log.info("loaded %s v%d on %s", msg.name, msg.version, self.engine_id)
             self.io.send(identity, P.encode(P.Loaded(msg.id, msg.name, msg.version,
                                                      model_info_to_wire(info))))
@@ -255,10 +257,17 @@ class EngineHost:
             raise ModelNotFound(f"model {msg.name!r} version {msg.version} is not loaded")
         self.draining[key] = (identity, msg.id)   # unloads once its requests are done
 
+    def _busy(self, engine: Engine) -> bool:
+        return engine.has_work() or any(p.engine is engine for p in self.pending.values())
+
     def finish_unloads(self) -> None:
+        for key, old in list(self.retiring):
+            if not self._busy(old):
+                old.unload()
+                self.retiring.remove((key, old))
         for key, (identity, msg_id) in list(self.draining.items()):
             engine = self.engines[key]
-            if engine.has_work() or any(p.key == key for p in self.pending.values()):
+            if self._busy(engine):
                 continue
             engine.unload()
             del self.engines[key], self.draining[key]
@@ -341,7 +350,7 @@ class EngineHost:
     def step(self) -> bool:
         """One pass over the hosted models; True if any did work."""
         worked = False
-        for key, engine in list(self.engines.items()):
+        for key, engine in [*self.engines.items(), *self.retiring]:
             if engine.has_work():
                 try:
                     results = engine.step()
@@ -352,21 +361,22 @@ class EngineHost:
                     worked = True
                     self.emit(results)
         self.finish_loads()
-        if self.draining:
+        if self.draining or self.retiring:
             self.finish_unloads()
         return worked
 
     def _fail_all(self, key: tuple[str, int], exc: Exception) -> list[TensorResult]:
-        engine = self.engines[key]
         out: list[TensorResult] = []
         for rid, pend in list(self.pending.items()):
             if pend.key == key:
+                engine = pend.engine
                 engine.cancel(rid)
                 out.append(TensorResult(rid, error=InternalError(f"engine failure: {exc}")))
         return out
 
     def wait_hint(self) -> float:
-        hints = [h for e in self.engines.values() if (h := e.wait_hint()) is not None]
+        hints = [h for e in [*self.engines.values(), *(e for _, e in self.retiring)]
+                 if (h := e.wait_hint()) is not None]
         return max(0.0, min(hints)) if hints else 0.05
 
 
