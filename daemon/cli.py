@@ -3,7 +3,7 @@
     ferry serve [--config FILE] [--host H] [--port P] [--workers W] [--demo]
     ferry demo --out DIR                      prepare the demo model repository
     ferry models list|show|load|unload [NAME] talk to the running daemon
-    ferry install-systemd [--root DIR] [--user ferry] [--dry-run]
+    ferry install-systemd [--root DIR] [--user ferry] [--dry-run] [--gpu] [--socket]
 """
 from __future__ import annotations
 
@@ -45,9 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("action", choices=["list", "show", "load", "unload"])
     models.add_argument("name", nargs="?")
     inst = sub.add_parser("install-systemd", help="install the systemd unit and config")
-    inst.add_argument("--root", default="/")
-    inst.add_argument("--user", default="ferry")
-    inst.add_argument("--dry-run", action="store_true")
+    from daemon.systemd_install import add_arguments
+    add_arguments(inst)
     return parser
 
 
@@ -84,6 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from daemon.process import set_title
     from daemon.supervisor import Supervisor
     set_title("ferry-serve")
+    import faulthandler
+    faulthandler.enable()   # a watchdog SIGABRT prints every thread's stack to the journal
     uvloop.install()
     return asyncio.run(Supervisor(cfg, args.config).run())
 
@@ -140,10 +141,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_install_systemd(args: argparse.Namespace) -> int:
-    from daemon.systemd_install import install
-    for path in install(Path(args.root), user=args.user, dry_run=args.dry_run):
-        print(path)
-    return 0
+    from daemon.systemd_install import run
+    return run(args)
 
 
 COMMANDS = {"serve": cmd_serve, "models": cmd_models, "demo": cmd_demo,

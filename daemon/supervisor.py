@@ -59,7 +59,8 @@ class Supervisor:
         self.regions: dict[str, dict[str, Any]] = {}
         self.epoch = 0
         self.state = "starting"
-        self.notifier = Notifier.from_env()
+        # unset: children must not inherit NOTIFY_SOCKET (only the main process may notify).
+        self.notifier = Notifier.from_env(unset=True)
         self.stop_event = asyncio.Event()
         self.reload_event = asyncio.Event()
         self.frontends_ready: set[str] = set()

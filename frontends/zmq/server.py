@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from typing import Any
 
@@ -157,6 +158,9 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
     try:
         await d.start()
         sock.bind(args["bind"])
+        if args["bind"].startswith("ipc://"):
+            # UMask=0077 under systemd: let local clients in the service's group connect.
+            os.chmod(args["bind"][len("ipc://"):], 0o660)
         await d.control("frontend_ready", {"role": "zmq"})
         log.info("zmq frontend serving on %s", args["bind"])
         await ZmqFrontend(d, sock, args["request_timeout_s"]).serve(stop)
