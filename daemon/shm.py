@@ -73,6 +73,8 @@ class Arena:
     # -- allocator --------------------------------------------------------------------------
     def alloc(self, nbytes: int) -> int:
         """Offset of a fresh block of at least `nbytes`; raises Busy when no run fits."""
+        if nbytes < 0:
+            raise ValueError(f"cannot allocate {nbytes} bytes")
         need = _round_up(max(nbytes, 1))
         with self._lock:
             for i, off in enumerate(self._free_offsets):
@@ -117,8 +119,12 @@ class Arena:
         """Copy `arr` into a fresh block; the caller frees it when the reader is done."""
         nbytes = arr.nbytes
         off = self.alloc(nbytes)
-        dst = np.frombuffer(self.buf, dtype=arr.dtype, count=arr.size, offset=off)
-        dst[...] = arr.reshape(-1)
+        try:
+            dst = np.frombuffer(self.buf, dtype=arr.dtype, count=arr.size, offset=off)
+            dst[...] = arr.reshape(-1)
+        except BaseException:
+            self.free(off)
+            raise
         return ShmLoc(self.name, off, nbytes)
 
     @property

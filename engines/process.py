@@ -313,7 +313,7 @@ class EngineHost:
         refs, frames = [], []
         try:
             for name, arr in (res.outputs or {}).items():
-                arr = np.ascontiguousarray(arr)
+                arr = np.asarray(arr, order="C")   # keeps 0-d outputs 0-d
                 ref = P.TensorRef(name, arr.dtype.name, tuple(arr.shape))
                 target = (pend.out_shm or {}).get(name)
                 if target is not None:

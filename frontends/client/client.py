@@ -36,7 +36,7 @@ class ClientRegion:
         return self.arena.name
 
     def put(self, name: str, arr: np.ndarray) -> P.TensorRef:
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, dtype=np.asarray(arr).dtype.newbyteorder("="), order="C")
         loc = self.arena.put(arr)
         return P.TensorRef(name, arr.dtype.name, tuple(arr.shape),
                            shm=P.ShmLoc(self.name, loc.offset, loc.nbytes))
@@ -63,7 +63,7 @@ def _infer_message(model: str, inputs: dict[str, np.ndarray], *, version: int | 
                    ) -> tuple[P.Infer, list[Any], list[P.ShmLoc]]:
     refs, frames, held = [], [], []
     for name, arr in inputs.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, dtype=np.asarray(arr).dtype.newbyteorder("="), order="C")
         if region is not None:
             ref = region.put(name, arr)
             held.append(ref.shm)
