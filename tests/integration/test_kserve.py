@@ -105,3 +105,43 @@ def test_health_routes(daemon):
     assert http_get(daemon.url + "/healthz")[0] == 200
     code, body = http_get(daemon.url + "/readyz")
     assert code == 200 and body["models"]["minilm"] == {"1": "ready"}
+
+
+def test_system_shared_memory_with_tritonclient(client):
+    """Triton's system shared-memory extension: inputs and outputs by reference, end to end."""
+    import tritonclient.utils.shared_memory as shm
+
+    from daemon.demo import digits_split
+    _, x_test, _, _ = digits_split()
+    x = x_test[:4].astype(np.float32)
+    in_handle = shm.create_shared_memory_region("in_region", "/fy_test_in", x.nbytes)
+    out_handle = shm.create_shared_memory_region("out_region", "/fy_test_out", 4 * 10 * 4)
+    try:
+        shm.set_shared_memory_region(in_handle, [x])
+        client.register_system_shared_memory("in_region", "/fy_test_in", x.nbytes)
+        client.register_system_shared_memory("out_region", "/fy_test_out", 4 * 10 * 4)
+        status = client.get_system_shared_memory_status()
+        assert {r["name"] for r in status} >= {"in_region", "out_region"}
+        inp = th.InferInput("pixels", [4, 64], "FP32")
+        inp.set_shared_memory("in_region", x.nbytes)
+        out = th.InferRequestedOutput("probabilities", binary_data=True)
+        out.set_shared_memory("out_region", 4 * 10 * 4)
+        res = client.infer("digits", [inp], outputs=[out])
+        meta = res.get_output("probabilities")
+        assert meta["parameters"]["shared_memory_region"] == "out_region"
+        via_shm = shm.get_contents_as_numpy(out_handle, np.float32, [4, 10])
+        direct = th.InferInput("pixels", [4, 64], "FP32")
+        direct.set_data_from_numpy(x)
+        expected = client.infer("digits", [direct]).as_numpy("probabilities")
+        np.testing.assert_allclose(via_shm, expected, rtol=1e-6)
+        # a reference past the end of the registered region is refused
+        bad = th.InferInput("pixels", [4, 64], "FP32")
+        bad.set_shared_memory("in_region", x.nbytes, offset=64)
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("digits", [bad])
+        assert err.value.status() == "400"
+    finally:
+        client.unregister_system_shared_memory()
+        assert client.get_system_shared_memory_status() == []
+        shm.destroy_shared_memory_region(in_handle)
+        shm.destroy_shared_memory_region(out_handle)
