@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -185,7 +186,7 @@ class EngineHost:
         if len(msg.prompt) != 1:
             raise InvalidInput("generate needs exactly one prompt tensor", code="bad_message")
         ids = self._tensor(msg.prompt[0], buffers).reshape(-1).tolist()
-        from engines.llm.sampling import SamplingParams
+        from engines.llm.sampling import SamplingParams   # lazy: tensor-only engines skip torch
         try:
             params = SamplingParams(**msg.params)
         except TypeError as exc:
@@ -219,7 +220,7 @@ class EngineHost:
     def on_load(self, identity: bytes, msg: P.Load, _b: list[Any]) -> None:
         def work() -> None:
             try:
-                spec = load_spec(__import__("pathlib").Path(msg.path), msg.name, msg.version)
+                spec = load_spec(Path(msg.path), msg.name, msg.version)
                 module, _, cls_name = ENGINE_CLASSES[spec.engine].partition(":")
                 engine: Engine = getattr(importlib.import_module(module), cls_name)()
                 info = engine.load(spec, self.device)

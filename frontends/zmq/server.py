@@ -13,6 +13,7 @@ import os
 import signal
 from typing import Any
 
+import numpy as np
 import uvloop
 import zmq
 import zmq.asyncio
@@ -102,7 +103,6 @@ class ZmqFrontend:
                     raise InvalidInput(f"input {ref.name!r}: frame holds {len(data)} bytes, "
                                        f"dtype and shape need {ref.nbytes}",
                                        code="invalid_shape", param=ref.name)
-                import numpy as np
                 arrays[ref.name] = np.frombuffer(data, dtype=ref.dtype).reshape(ref.shape)
         timeout = msg.timeout_ms / 1000 if msg.timeout_ms else self.timeout_s
         outcome = await self.d.infer(msg.model, msg.version or None, arrays, outputs=msg.outputs,
@@ -127,7 +127,6 @@ class ZmqFrontend:
     async def on_generate(self, identity: bytes, msg: P.Generate, buffers: list[Any]) -> None:
         if len(msg.prompt) != 1 or msg.prompt[0].shm is not None:
             raise InvalidInput("generate needs one inline prompt tensor", code="bad_message")
-        import numpy as np
         ref = msg.prompt[0]
         buf = buffers[ref.frame]
         data = buf.buffer if hasattr(buf, "buffer") else buf
