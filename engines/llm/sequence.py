@@ -1,0 +1,70 @@
+"""One generation request as the scheduler and sampler see it."""
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from engines.llm.sampling import SamplingParams
+
+__all__ = ["SeqStatus", "Sequence"]
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    id: str
+    token_ids: list[int]                 # prompt + generated; recompute after preemption
+    num_prompt: int                      # length of the client's prompt
+    params: SamplingParams
+    stop_ids: frozenset[int]             # eos (unless ignore_eos) + stop_token_ids
+    arrival: float = 0.0
+    generator: torch.Generator | None = None
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed: int = 0                # leading tokens whose K/V sit in the cache
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)   # chain hashes of full blocks
+    num_published: int = 0               # leading blocks offered to the prefix cache
+    num_cached: int = 0                  # prompt tokens served by the prefix cache (1st admit)
+    admitted: bool = False               # admitted at least once (stats count the first time)
+    first_emitted: bool = False
+    finish_reason: str | None = None
+
+    @classmethod
+    def create(cls, req_id: str, prompt_ids: list[int], params: SamplingParams,
+               eos_ids: Iterable[int], arrival: float = 0.0,
+               device: str | torch.device = "cpu") -> Sequence:
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stops.update(eos_ids)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(params.seed)
+        return cls(id=req_id, token_ids=list(prompt_ids), num_prompt=len(prompt_ids),
+                   params=params, stop_ids=frozenset(stops), arrival=arrival, generator=gen)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet in the KV cache: 1 while decoding, more during (re)prefill."""
+        return len(self.token_ids) - self.num_computed
+
+    def append(self, token_id: int) -> str | None:
+        """Add a sampled token; returns the finish reason when this token ends the request."""
+        self.token_ids.append(token_id)
+        if token_id in self.stop_ids:
+            return "stop"
+        if len(self.token_ids) - self.num_prompt >= self.params.max_tokens:
+            return "length"
+        return None

@@ -1,0 +1,215 @@
+"""Text <-> token ids for the LLM frontends (the engine itself only sees ids).
+
+Built on the `tokenizers` library, either from a `tokenizer.json` or from the vocabulary a GGUF
+file carries in its metadata. For GGUF byte-level BPE vocabularies the pre-tokenizer is chosen by
+`tokenizer.ggml.pre`, the way llama.cpp chooses its split regex, because merges only reproduce the
+training-time tokens when text is split the same way (SmolLM, StarCoder: one digit per piece;
+Llama 3: the tiktoken-style regex).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import InvalidInput
+from engines.llm.chat import render_chat
+from engines.llm.config import ModelLoadFailed
+
+__all__ = ["Tokenizer", "IncrementalDecoder"]
+
+log = logging.getLogger(__name__)
+
+_CONTROL, _USER_DEFINED = 3, 4                  # llama.cpp token types
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# GGUF `tokenizer.ggml.pre` values, grouped by the split llama.cpp applies before BPE.
+_DIGIT_PRE = {"smollm", "starcoder", "refact", "codeshell", "exaone", "minerva", "command-r"}
+_LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3", "pixtral"}
+_QWEN2_PRE = {"qwen2", "deepseek-r1-qwen", "megrez"}
+
+
+def _byte_alphabet() -> set[str]:
+    from tokenizers import pre_tokenizers
+
+    return set(pre_tokenizers.ByteLevel.alphabet())
+
+
+def _pre_tokenizer(pre: str | None) -> Any:
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre in _DIGIT_PRE:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    split = _LLAMA3_SPLIT if pre in _LLAMA3_PRE else _QWEN2_SPLIT if pre in _QWEN2_PRE else None
+    if split is not None:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre not in (None, "default", "gpt-2", "gpt2"):
+        log.warning("GGUF pre-tokenizer %r is not known; splitting text as GPT-2 does", pre)
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _gguf_backend(meta: dict[str, Any], path: Path) -> Any:
+    """A byte-level BPE `tokenizers.Tokenizer` from GGUF tokenizer metadata."""
+    from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, processors
+
+    kind = meta.get("model")
+    if kind != "gpt2":
+        raise ModelLoadFailed(f"{path}: GGUF tokenizer model {kind!r} is not supported (only "
+                              f"byte-level BPE, 'gpt2'); put a tokenizer.json beside the weights")
+    tokens, types = meta["tokens"], meta.get("token_type") or [1] * len(meta["tokens"])
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("merges") or []]
+    pre = meta.get("pre")
+    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                 ignore_merges=pre in _LLAMA3_PRE))
+    backend.pre_tokenizer = _pre_tokenizer(pre)
+    backend.decoder = decoders.ByteLevel()
+    alphabet = _byte_alphabet()
+    # Control tokens (<|im_start|>) must match whole in text and vanish with skip_special_tokens;
+    # ones spelled outside the byte alphabet are llama.cpp mislabels and stay plain vocabulary.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, k in zip(tokens, types)
+                                if k == _CONTROL and set(t) <= alphabet])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, k in zip(tokens, types) if k == _USER_DEFINED])
+    bos = meta.get("bos_token_id")
+    if meta.get("add_bos_token") and bos is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
+            special_tokens=[(tokens[bos], bos)])
+    return backend
+
+
+class Tokenizer:
+    def __init__(self, backend: Any, *, bos_id: int | None, eos_ids: tuple[int, ...],
+                 chat_template: str | None) -> None:
+        self.backend = backend
+        self.bos_id = bos_id
+        self.eos_ids = eos_ids
+        self.chat_template = chat_template
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        from engines.llm.gguf_loader import read_gguf
+
+        path = Path(path)
+        gf = read_gguf(path)
+        keys = ("model", "pre", "tokens", "token_type", "merges", "bos_token_id",
+                "add_bos_token", "eos_token_id", "eot_token_id", "eom_token_id")
+        meta = {k: gf.get(f"tokenizer.ggml.{k}") for k in keys}
+        if not meta["tokens"]:
+            raise ModelLoadFailed(f"{path}: GGUF file carries no tokenizer vocabulary")
+        eos = (meta["eos_token_id"], meta["eot_token_id"], meta["eom_token_id"])
+        return cls(_gguf_backend(meta, path), bos_id=meta["bos_token_id"],
+                   eos_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
+                   chat_template=gf.get("tokenizer.chat_template"))
+
+    @classmethod
+    def from_file(cls, tokenizer_json: str | Path) -> Tokenizer:
+        """Load tokenizer.json; special tokens and the chat template come from the HF files
+        beside it (tokenizer_config.json, chat_template.jinja, generation_config.json)."""
+        from tokenizers import Tokenizer as Backend
+
+        path = Path(tokenizer_json)
+        try:
+            backend = Backend.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad files
+            raise ModelLoadFailed(f"{path}: not a readable tokenizer.json: {exc}") from exc
+        config = _read_json(path.parent / "tokenizer_config.json")
+        template = config.get("chat_template")
+        if isinstance(template, list):      # named templates: take the default one
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        jinja_file = path.parent / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text()
+        bos_id = _token_id(backend, config.get("bos_token"))
+        eos = _read_json(path.parent / "generation_config.json").get("eos_token_id")
+        eos_ids = (eos if isinstance(eos, list) else [eos] if eos is not None
+                   else [_token_id(backend, config.get("eos_token"))])
+        return cls(backend, bos_id=bos_id, eos_ids=tuple(e for e in eos_ids if e is not None),
+                   chat_template=template)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self.backend.id_to_token(token_id)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            template: str | None = None, **variables: Any) -> str:
+        """Render `messages` with `template` (an override) or the model's own template."""
+        source = template or self.chat_template
+        if not source:
+            raise InvalidInput("this model has no chat template; use the completions API or "
+                               "configure [llm] chat_template", param="messages")
+        eos = self.eos_ids[0] if self.eos_ids else None
+        variables.setdefault("bos_token", self.token_text(self.bos_id) or "")
+        variables.setdefault("eos_token", self.token_text(eos) or "")
+        return render_chat(source, messages, add_generation_prompt, **variables)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadFailed(f"{path}: unreadable: {exc}") from exc
+    return value if isinstance(value, dict) else {}
+
+
+def _token_id(backend: Any, token: Any) -> int | None:
+    if isinstance(token, dict):             # {"content": "<s>", ...} in older configs
+        token = token.get("content")
+    return backend.token_to_id(token) if isinstance(token, str) else None
+
+
+class IncrementalDecoder:
+    """Streaming detokenization: feed ids as they are generated, get the new text.
+
+    Decodes a short window of recent ids rather than single tokens, because a token's text
+    depends on its neighbours (a multi-byte character split across byte-level tokens, leading
+    spaces some decoders strip). Text ending in U+FFFD is an unfinished character: the part
+    before it is emitted, the rest waits for more ids (or `flush`).
+    """
+
+    def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tok = tok
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = 0        # window start: ids before it are settled and emitted
+        self._read = 0          # ids before it have been emitted in full
+        self._emitted = 0       # chars of the text after `_read` already emitted
+
+    def _pending(self) -> str:
+        decode = self.tok.decode
+        prefix = decode(self.ids[self._prefix:self._read], self.skip_special_tokens)
+        return decode(self.ids[self._prefix:], self.skip_special_tokens)[len(prefix):]
+
+    def push(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        text = self._pending()
+        if text.endswith("\ufffd"):
+            stable = text.rstrip("\ufffd")
+            delta = stable[self._emitted:]
+            self._emitted = max(self._emitted, len(stable))
+            return delta
+        return self._settle(text)
+
+    def flush(self) -> str:
+        """Whatever is held back (a character that never completed comes out as U+FFFD)."""
+        return self._settle(self._pending())
+
+    def _settle(self, text: str) -> str:
+        delta = text[self._emitted:]
+        self._prefix, self._read, self._emitted = self._read, len(self.ids), 0
+        return delta
