@@ -18,6 +18,8 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,8 +32,8 @@ from frontends.http.errors import error_body, request_id_of
 from frontends.http.openai_schema import (GenParams, parse_chat, parse_completion,
                                           parse_embeddings)
 from frontends.http.sse import SSEResponse, until_disconnect
-from frontends.http.textgen import (TEXTS, Embedder, Generation, Piece, TextModel,
-                                    encode_prompts, install, resolve_model)
+from frontends.http.textgen import (TEXTS, Generation, Piece, TextModel, encode_prompts,
+                                    install, model_toml, resolve_model)
 
 __all__ = ["routes", "setup", "read_json", "SYSTEM_FINGERPRINT"]
 
@@ -162,11 +164,12 @@ async def _serve(request: web.Request, tm: TextModel, prompts: list[list[int]],
             "created": int(time.time()), "model": tm.name,
             "system_fingerprint": SYSTEM_FINGERPRINT}
     echoes = [echo[i // params.n] for i in range(len(gen.choices))]
-    if params.stream:
-        sse = SSEResponse(request)
-        await until_disconnect(request, _stream(sse, gen, tm, params, shape, head, echoes))
-        return sse.resp
-    body = await until_disconnect(request, _collect(gen, tm, shape, head, echoes))
+    async with gen:     # however this ends, nothing stays running in the engine
+        if params.stream:
+            sse = SSEResponse(request)
+            await until_disconnect(request, _stream(sse, gen, tm, params, shape, head, echoes))
+            return sse.resp
+        body = await until_disconnect(request, _collect(gen, tm, shape, head, echoes))
     if body is None:
         return web.Response(status=_CLIENT_CLOSED)
     return web.json_response(body, dumps=_dumps)
@@ -183,13 +186,12 @@ async def _collect(gen: Generation, tm: TextModel, shape: _Shape, head: dict[str
     ids: list[list[int]] = [[] for _ in range(n)]
     lps: list[list[float] | None] = [None] * n
     finish: list[str | None] = [None] * n
-    async with gen:
-        async for p in gen.pieces():
-            texts[p.index].append(p.text)
-            ids[p.index].extend(p.token_ids)
-            if p.logprobs is not None:
-                lps[p.index] = (lps[p.index] or []) + p.logprobs
-            finish[p.index] = p.finish_reason or finish[p.index]
+    async for p in gen.pieces():
+        texts[p.index].append(p.text)
+        ids[p.index].extend(p.token_ids)
+        if p.logprobs is not None:
+            lps[p.index] = (lps[p.index] or []) + p.logprobs
+        finish[p.index] = p.finish_reason or finish[p.index]
     choices = [shape.choice(i, "".join(texts[i]), finish[i],
                             shape.logprobs(tm, ids[i], lps[i], len(echoes[i])))
                for i in range(n)]
@@ -202,23 +204,24 @@ async def _stream(sse: SSEResponse, gen: Generation, tm: TextModel, params: GenP
     if params.include_usage:
         head["usage"] = None
     offsets = [len(e) for e in echoes]
-    async with gen:
-        await sse.open()
-        for i, echo in enumerate(echoes):
-            # Chat streams open every choice with its role, as OpenAI does; this also sends
-            # the headers at once rather than with the first token.
-            if shape.chat or echo:
-                await sse.send({**head, "choices": [shape.delta(i, echo if not shape.chat
-                                                               else "", None, None, role=True)]})
-        try:
-            async for p in gen.pieces():
-                await _send_piece(sse, p, tm, shape, head, offsets)
-        except FerryError as exc:
-            log.warning("stream %s failed: %s", head["id"], exc.message)
-            await sse.send_error(error_body(exc.status, exc.code, exc.message,
-                                            request_id_of(sse.request), exc.param))
-            await sse.close()
-            return
+    await sse.open()
+    for i, echo in enumerate(echoes):
+        # Chat streams open every choice with its role, as OpenAI does; this also sends the
+        # headers at once rather than with the first token.
+        if shape.chat or echo:
+            await sse.send({**head, "choices": [shape.delta(i, "" if shape.chat else echo,
+                                                           None, None, role=True)]})
+    try:
+        async for p in gen.pieces():
+            await _send_piece(sse, p, tm, shape, head, offsets)
+    except FerryError as exc:
+        log.warning("stream %s failed: %s", head["id"], exc.message)
+        # The headers went out already: the error travels as an event, which the OpenAI
+        # clients raise from the stream.
+        await sse.send(error_body(exc.status, exc.code, exc.message,
+                                  request_id_of(sse.request), exc.param))
+        await sse.close()
+        return
     if params.include_usage:
         await sse.send({**head, "choices": [], "usage": gen.usage.to_dict()})
     await sse.close()
@@ -237,10 +240,58 @@ async def _send_piece(sse: SSEResponse, p: Piece, tm: TextModel, shape: _Shape,
 
 # -- embeddings ---------------------------------------------------------------------------------
 
+@dataclass(slots=True)
+class Embedder:
+    """One embedding model version: its tokenizer and tensor names."""
+
+    name: str
+    version: int
+    tokenizer: Any                        # tokenizers.Tokenizer, truncation and padding off
+    max_length: int
+    input_names: tuple[str, ...]
+    output: str
+    dim: int
+    max_batch: int
+
+
+def _load_embedder(name: str, version: int, entry: dict[str, Any]) -> Embedder:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = Path(entry["path"])
+    section = model_toml(path).get("tokenizer")
+    info = entry.get("info", {})
+    outputs = [o for o in info.get("outputs", []) if len(o.get("shape", ())) == 2
+               and o.get("dtype", "").startswith("float")]
+    inputs = tuple(i["name"] for i in info.get("inputs", []))
+    if not isinstance(section, dict) or "input_ids" not in inputs or not outputs:
+        raise InvalidInput(f"model {name!r} is not an embedding model (it needs a [tokenizer] "
+                           "table, an input_ids input and a [batch, dim] float output)",
+                           code="model_not_embedding", param="model")
+    out = next((o for o in outputs if o["name"] == "embeddings"), outputs[0])
+    try:
+        tok = HFTokenizer.from_file(str(path / section.get("file", "tokenizer.json")))
+    except Exception as exc:   # the tokenizers library raises plain Exception on a bad file
+        raise FerryError(f"cannot load the tokenizer of {name!r}: {exc}",
+                         code="tokenizer_error", status=500) from exc
+    # Over-long inputs are an error, as with OpenAI, not a silently truncated embedding.
+    tok.no_truncation()
+    tok.no_padding()
+    return Embedder(name, version, tok, int(section.get("max_length", 512)), inputs,
+                    out["name"], int(out["shape"][1]), max(1, int(info.get("max_batch_size", 1))))
+
+
+async def _embedder(request: web.Request, model: str) -> Embedder:
+    name, version, entry = resolve_model(request.app[DISPATCHER], model)
+    if entry.get("info", {}).get("kind") == "llm":
+        raise InvalidInput(f"model {name!r} is a text-generation model, not an embedding "
+                           "model", code="model_not_embedding", param="model")
+    return await request.app[TEXTS].get(name, version, entry, _load_embedder)
+
+
 @routes.post("/v1/embeddings")
 async def embeddings(request: web.Request) -> web.Response:
     req = parse_embeddings(await read_json(request))
-    emb = await request.app[TEXTS].embedder(req.model)
+    emb = await _embedder(request, req.model)
     if req.dimensions is not None and req.dimensions != emb.dim:
         raise InvalidInput(f"model {emb.name!r} returns {emb.dim} dimensions; other values of "
                            "'dimensions' are not supported", code="unsupported_parameter",

@@ -36,6 +36,7 @@ async def until_disconnect(request: web.Request, work: Awaitable[T],
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(work)
     gone = False
+    handle: asyncio.TimerHandle | None = None
 
     def check() -> None:
         nonlocal handle, gone
@@ -60,7 +61,8 @@ async def until_disconnect(request: web.Request, work: Awaitable[T],
             return None
         raise
     finally:
-        handle.cancel()
+        if handle is not None:
+            handle.cancel()
 
 
 class SSEResponse:
@@ -81,10 +83,6 @@ class SSEResponse:
         """Raises ConnectionResetError once the client has gone."""
         data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
         await self.resp.write(b"data: " + data.encode() + b"\n\n")
-
-    async def send_error(self, body: dict[str, Any]) -> None:
-        """An error after the headers went out: the OpenAI clients raise it from the stream."""
-        await self.send(body)
 
     async def close(self) -> None:
         await self.resp.write(_DONE)

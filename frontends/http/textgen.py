@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-import jinja2
 from aiohttp import web
 
 from daemon.errors import ContextLengthExceeded, FerryError, InvalidInput, ModelNotFound
@@ -25,8 +24,8 @@ from frontends.dispatch import Dispatcher, Stream
 from frontends.http.appkeys import DISPATCHER
 from frontends.http.openai_schema import GenParams
 
-__all__ = ["TextModel", "Embedder", "ModelTexts", "Piece", "Usage", "StopMatcher", "Choice",
-           "Generation", "TEXTS", "install", "encode_prompts", "resolve_model"]
+__all__ = ["TextModel", "ModelTexts", "Piece", "Usage", "StopMatcher", "Choice",
+           "Generation", "TEXTS", "install", "encode_prompts", "model_toml", "resolve_model"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def resolve_model(d: Dispatcher, model: str) -> tuple[str, int, dict[str, Any]]:
     return name, version, entry
 
 
-def _model_toml(path: Path) -> dict[str, Any]:
+def model_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path / "model.toml", "rb") as f:
             return tomllib.load(f)
@@ -76,13 +75,10 @@ class TextModel:
             raise InvalidInput(f"model {self.name!r} has no chat template; use /v1/completions "
                                "or set [llm] chat_template in its model.toml",
                                code="no_chat_template", param="messages")
-        try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                      template=self.template)
-        except jinja2.TemplateError as exc:
-            # Templates reject message orders they cannot render (raise_exception()).
-            raise InvalidInput(f"the chat template of {self.name!r} rejected the messages: "
-                               f"{exc}", code="chat_template_error", param="messages") from exc
+        # The template runs sandboxed; a conversation it rejects (roles out of order) is an
+        # InvalidInput naming `messages`.
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  template=self.template)
 
     async def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         if len(text) <= _INLINE_CHARS:
@@ -92,20 +88,6 @@ class TextModel:
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-@dataclass(slots=True)
-class Embedder:
-    """One embedding model version: its tokenizer and tensor names."""
-
-    name: str
-    version: int
-    tokenizer: Any                        # tokenizers.Tokenizer, truncation and padding off
-    max_length: int
-    input_names: tuple[str, ...]
-    output: str
-    dim: int
-    max_batch: int
 
 
 class ModelTexts:
@@ -121,16 +103,10 @@ class ModelTexts:
             raise InvalidInput(f"model {name!r} is not a text-generation model; it serves "
                                "tensors (use /v2/models/.../infer or /v1/embeddings)",
                                code="model_not_generative", param="model")
-        return await self._get(name, version, entry, _load_text_model)
+        return await self.get(name, version, entry, _load_text_model)
 
-    async def embedder(self, model: str) -> Embedder:
-        name, version, entry = resolve_model(self.d, model)
-        if entry.get("info", {}).get("kind") == "llm":
-            raise InvalidInput(f"model {name!r} is a text-generation model, not an embedding "
-                               "model", code="model_not_embedding", param="model")
-        return await self._get(name, version, entry, _load_embedder)
-
-    async def _get(self, name: str, version: int, entry: dict[str, Any], loader: Any) -> Any:
+    async def get(self, name: str, version: int, entry: dict[str, Any], loader: Any) -> Any:
+        """`loader(name, version, entry)`'s result, run once per version on a worker thread."""
         key = (name, version, str(entry.get("path", "")))
         fut = self._cache.get(key) or self._load(key, loader, entry)
         return await asyncio.shield(fut)
@@ -151,7 +127,7 @@ class ModelTexts:
         return fut
 
     def warm(self) -> None:
-        """Start loading tokenizers of every ready version; forget versions that are gone."""
+        """Start loading tokenizers of ready LLM versions; forget versions that are gone."""
         pl = self.d.placement
         if pl is None:
             return
@@ -164,18 +140,11 @@ class ModelTexts:
                 live.add(key)
                 if key in self._cache:
                     continue
-                try:
-                    if entry.get("info", {}).get("kind") == "llm":
-                        loader = _load_text_model
-                    elif "tokenizer" in _model_toml(Path(entry["path"])):
-                        loader = _load_embedder
-                    else:
-                        continue
-                except FerryError as exc:
-                    log.warning("tokenizer preload of %s v%s skipped: %s", name, ver,
-                                exc.message)
+                # Only LLM tokenizers are worth preloading (a GGUF vocabulary takes seconds);
+                # an embedder's tokenizer.json loads in milliseconds on first use.
+                if entry.get("info", {}).get("kind") != "llm":
                     continue
-                self._load(key, loader, entry)
+                self._load(key, _load_text_model, entry)
         for key in set(self._cache) - live:
             del self._cache[key]
 
@@ -213,7 +182,7 @@ def _load_text_model(name: str, version: int, entry: dict[str, Any]) -> TextMode
     from engines.llm.tokenizer import Tokenizer
 
     path = Path(entry["path"])
-    spec = _model_toml(path)
+    spec = model_toml(path)
     llm = spec.get("llm", {})
     weights = path / spec["weights"] if spec.get("weights") else path
     ggufs = [weights] if weights.suffix == ".gguf" else sorted(path.glob("*.gguf"))
@@ -222,7 +191,7 @@ def _load_text_model(name: str, version: int, entry: dict[str, Any]) -> TextMode
             tok = Tokenizer.from_gguf(ggufs[0])
         else:
             tok = Tokenizer.from_file(path / "tokenizer.json")
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, FerryError) as exc:
         raise FerryError(f"cannot load the tokenizer of {name!r}: {exc}",
                          code="tokenizer_error", status=500) from exc
     extra = entry.get("info", {}).get("extra", {})
@@ -230,32 +199,6 @@ def _load_text_model(name: str, version: int, entry: dict[str, Any]) -> TextMode
     log.info("tokenizer of %s v%d loaded", name, version)
     return TextModel(name, version, tok, int(extra.get("context_length", 2048)),
                      int(extra.get("vocab_size", 0)), template)
-
-
-def _load_embedder(name: str, version: int, entry: dict[str, Any]) -> Embedder:
-    from tokenizers import Tokenizer as HFTokenizer
-
-    path = Path(entry["path"])
-    section = _model_toml(path).get("tokenizer")
-    info = entry.get("info", {})
-    outputs = [o for o in info.get("outputs", []) if len(o.get("shape", ())) == 2
-               and o.get("dtype", "").startswith("float")]
-    inputs = tuple(i["name"] for i in info.get("inputs", []))
-    if not isinstance(section, dict) or "input_ids" not in inputs or not outputs:
-        raise InvalidInput(f"model {name!r} is not an embedding model (it needs a [tokenizer] "
-                           "table, an input_ids input and a [batch, dim] float output)",
-                           code="model_not_embedding", param="model")
-    out = next((o for o in outputs if o["name"] == "embeddings"), outputs[0])
-    try:
-        tok = HFTokenizer.from_file(str(path / section.get("file", "tokenizer.json")))
-    except Exception as exc:   # the tokenizers library raises plain Exception on a bad file
-        raise FerryError(f"cannot load the tokenizer of {name!r}: {exc}",
-                         code="tokenizer_error", status=500) from exc
-    # Over-long inputs are an error, as with OpenAI, not a silently truncated embedding.
-    tok.no_truncation()
-    tok.no_padding()
-    return Embedder(name, version, tok, int(section.get("max_length", 512)), inputs,
-                    out["name"], int(out["shape"][1]), max(1, int(info.get("max_batch_size", 1))))
 
 
 # -- text from tokens ------------------------------------------------------------------------

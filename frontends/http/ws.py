@@ -26,7 +26,10 @@ Auth hook: when the security layer sets `app[WS_AUTH]` to `async (request, token
 the socket is accepted only after the hook returns a principal — for `token=None` at connect
 (credentials on the upgrade request; browsers cannot set headers on WebSockets, hence the
 message) or for the token of an `auth` message; the hook raises `Unauthorized` to refuse. Without
-the hook, `auth` messages are acknowledged and ignored.
+the hook, `auth` messages are acknowledged and ignored. A principal with `may_use(model)` (as
+daemon.auth.Principal has) is asked before each inference. `app[WS_ADMIT]`, when set, admits
+each inference message against the caller's rate limits — `(request, principal) -> release`
+(raising RateLimited) — and its `release()` runs when the request ends.
 """
 from __future__ import annotations
 
@@ -37,19 +40,22 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
-from daemon.errors import FerryError, InvalidInput, RateLimited, Unauthorized
+from daemon.errors import FerryError, Forbidden, InvalidInput, RateLimited, Unauthorized
 from frontends.http.appkeys import DISPATCHER
 from frontends.http.errors import request_id_of
 from frontends.http.openai_schema import parse_chat, parse_completion, require_object
 from frontends.http.textgen import TEXTS, Generation, encode_prompts, install
 
-__all__ = ["routes", "setup", "WS_AUTH", "Authenticator", "MAX_INFLIGHT"]
+__all__ = ["routes", "setup", "WS_AUTH", "WS_ADMIT", "Authenticator", "Admitter",
+           "MAX_INFLIGHT"]
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 Authenticator = Callable[[web.Request, "str | None"], Awaitable[Any]]
+Admitter = Callable[[web.Request, Any], "Callable[[], None] | None"]
 WS_AUTH = web.AppKey("ws_authenticator", object)    # an Authenticator; absent: no auth
+WS_ADMIT = web.AppKey("ws_admitter", object)        # an Admitter; absent: no rate limits
 MAX_INFLIGHT = 64            # concurrent requests per socket
 MAX_MESSAGE = 1 << 20
 _HEARTBEAT_S = 30.0
@@ -72,6 +78,7 @@ class _Session:
         self.tasks: dict[Any, asyncio.Task] = {}
         self.cancelled: set[Any] = set()
         self.auth: Authenticator | None = request.app.get(WS_AUTH)  # type: ignore[assignment]
+        self.admit: Admitter | None = request.app.get(WS_ADMIT)  # type: ignore[assignment]
         self.principal: Any = None
         self.handlers: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {
             "auth": self.on_auth, "inference": self.on_inference, "cancel": self.on_cancel,
@@ -137,14 +144,26 @@ class _Session:
         if not _valid_id(rid):
             raise InvalidInput("'id' must be a string of 1 to 128 characters or an integer",
                                code="invalid_parameter", param="id")
-        if self.auth is not None and self.principal is None:
-            raise Unauthorized("authenticate first: send {\"type\": \"auth\", \"token\": ...}")
+        if self.auth is not None:
+            if self.principal is None:
+                raise Unauthorized("authenticate first: send {\"type\": \"auth\", "
+                                   "\"token\": ...}")
+            may_use = getattr(self.principal, "may_use", None)   # daemon.auth.Principal
+            if may_use is not None and not may_use(str(msg.get("model"))):
+                raise Forbidden(f"this credential may not use model {msg.get('model')!r}",
+                                code="model_not_allowed", param="model")
         if rid in self.tasks:
             raise InvalidInput(f"request {rid!r} is already in flight on this socket",
                                code="duplicate_id", param="id")
         if len(self.tasks) >= MAX_INFLIGHT:
             raise RateLimited(f"at most {MAX_INFLIGHT} requests may be in flight on one socket")
-        self.tasks[rid] = asyncio.create_task(self.run(rid, msg))
+        release = self.admit(self.request, self.principal) if self.admit is not None else None
+        task = asyncio.create_task(self.run(rid, msg))
+        if release is not None:
+            # A done callback runs even for a task cancelled before it started (a socket
+            # closed at once), where a `finally` in run() would never execute.
+            task.add_done_callback(lambda _task: release())
+        self.tasks[rid] = task
 
     async def run(self, rid: Any, msg: dict[str, Any]) -> None:
         texts: list[list[str]] = []
