@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from daemon.errors import InvalidInput
+from daemon.preprocess import check_sections
 from engines.base import ModelSpec, TensorSpec
 
 __all__ = ["ENGINES", "DTYPES", "load_spec", "weights_sha256"]
@@ -50,6 +51,7 @@ def load_spec(version_dir: Path, name: str, version: int) -> ModelSpec:
         sha = weights_sha256(path)
     sections = {k: v for k, v in raw.items() if isinstance(v, dict)}
     _check_tokenizer(sections.get("tokenizer"), version_dir)
+    check_sections(sections)    # [preprocess] / [postprocess] (daemon.preprocess)
     return ModelSpec(name=name, version=version, engine=engine, path=version_dir,
                      weights=weights, sha256=sha, max_batch_size=max_batch,
                      inputs=_tensors(raw, "inputs"), outputs=_tensors(raw, "outputs"),
