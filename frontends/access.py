@@ -1,0 +1,203 @@
+"""Access control for one frontend process: who is calling (daemon.auth), how much they may do
+(daemon.state.ratelimit) and the record of what they did (the request log).
+
+The HTTP frontend (frontends/http/security.py) and the ZMQ frontend (frontends/zmq/server.py)
+both open one `Access` at start and ask it the same questions, so a key means the same on
+every transport:
+
+    principal = await access.authenticate(credential, client_ip, "infer", model)
+    admission = access.admit(principal)          # raises RateLimited (429)
+    try: ... finally: access.release(admission)
+
+With `auth.required = false` credentials are not examined at all (every caller is anonymous
+and unlimited), as vLLM does without `--api-key`; the global IP allow-list still applies. The
+admin API is the exception: it always needs an admin credential (`always=True`), so turning
+auth off never hands key management to every local user.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.auth import Authenticator, Principal
+from daemon.errors import ConfigError, RateLimited
+from daemon.state import State, open_state
+from daemon.state.jwt_tokens import JwtIssuer, load_secret
+from daemon.state.ratelimit import Decision, RateLimiter, RateLimits
+
+__all__ = ["AccessSettings", "Admission", "Access", "RATELIMIT_TABLE"]
+
+log = logging.getLogger(__name__)
+
+RATELIMIT_TABLE = "ratelimit.tbl"
+# Retention of the request log (rows are ~200 bytes without bodies): a month, a million rows.
+_LOG_MAX_AGE_S = 30 * 24 * 3600.0
+_LOG_MAX_ROWS = 1_000_000
+_LOGIN_LIMITS = RateLimits(rpm=10)     # per client address: scrypt costs ~40 ms a try
+
+
+@dataclass(slots=True, frozen=True)
+class AccessSettings:
+    state_dir: Path
+    runtime_dir: Path
+    required: bool = False
+    allow_ips: tuple[str, ...] = ()
+    jwt_secret_file: str = ""
+    log_bodies: bool = False
+    prune_log: bool = False            # one process per daemon applies retention
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any], *, prune_log: bool = False) -> AccessSettings:
+        """From the frontend arguments the supervisor passes (daemon/supervisor.py)."""
+        auth = args.get("auth") or {}
+        runtime = args.get("runtime_dir")
+        if runtime is None:
+            # The control socket lives in the runtime directory: ipc://<runtime_dir>/control.sock
+            runtime = Path(str(args["control"]).removeprefix("ipc://")).parent
+        return cls(Path(args["state_dir"]), Path(runtime), bool(auth.get("required", False)),
+                   tuple(auth.get("allow_ips") or ()), str(auth.get("jwt_secret_file") or ""),
+                   bool(args.get("log_bodies", False)), prune_log)
+
+
+def read_jwt_secret(settings: AccessSettings) -> bytes:
+    """`auth.jwt_secret_file` if configured, else `<state_dir>/jwt.secret` (made 0600)."""
+    if not settings.jwt_secret_file:
+        return load_secret(settings.state_dir)
+    try:
+        raw = Path(settings.jwt_secret_file).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError("auth.jwt_secret_file", f"cannot read {settings.jwt_secret_file}: "
+                          f"{exc.strerror}") from None
+    return load_secret(settings.state_dir, raw)
+
+
+@dataclass(slots=True)
+class Admission:
+    """One admitted request: the caller, and what it holds until `Access.release`."""
+
+    principal: Principal
+    decision: Decision | None = None      # the buckets, for the X-RateLimit-* headers
+    holds_slot: bool = False
+
+    def headers(self) -> dict[str, str]:
+        return self.decision.headers() if self.decision is not None else {}
+
+
+def _refusal(decision: Decision) -> RateLimited:
+    """429 with a stable code per exhausted limit; `.headers` holds the response headers."""
+    retry = max(1, math.ceil(decision.retry_after_s))
+    if decision.reason == "concurrency":
+        exc = RateLimited(f"at most {decision.limit} requests may be in flight for this key",
+                          code="too_many_concurrent_requests", retry_after=retry)
+    elif decision.reason == "tokens":
+        exc = RateLimited(f"token rate limit of {decision.tokens_limit} tokens per minute "
+                          f"exceeded; retry after {retry} s", code="token_rate_limited",
+                          retry_after=retry)
+    else:
+        exc = RateLimited(f"rate limit of {decision.limit} requests per minute exceeded; "
+                          f"retry after {retry} s", retry_after=retry)
+    headers = (decision.headers() if decision.reason != "concurrency"
+               else {"Retry-After": str(retry)})
+    exc.headers = headers  # type: ignore[attr-defined]   # the HTTP layer sends them
+    return exc
+
+
+class Access:
+    """One process's authenticator, rate limiter and request log."""
+
+    def __init__(self, settings: AccessSettings, state: State, limiter: RateLimiter,
+                 jwt: JwtIssuer) -> None:
+        self.settings, self.state, self.limiter, self.jwt = settings, state, limiter, jwt
+        self.auth = Authenticator(state.keys, jwt=jwt, users=state.users, required=True,
+                                  allow_ips=settings.allow_ips)
+        # Without credentials this one only applies the global IP allow-list.
+        self._open = Authenticator(state.keys, required=False, allow_ips=settings.allow_ips)
+
+    @classmethod
+    async def open(cls, settings: AccessSettings) -> Access:
+        retention = ({"log_max_age_s": _LOG_MAX_AGE_S, "log_max_rows": _LOG_MAX_ROWS}
+                     if settings.prune_log else {})
+        state = await open_state(settings.state_dir, store_bodies=settings.log_bodies,
+                                 **retention)
+        try:
+            jwt = JwtIssuer(read_jwt_secret(settings))
+            settings.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            limiter = RateLimiter(settings.runtime_dir / RATELIMIT_TABLE)
+        except BaseException:
+            await state.close()
+            raise
+        return cls(settings, state, limiter, jwt)
+
+    async def close(self) -> None:
+        """Close the state; remove the rate-limit table (frontends close only when the daemon
+        stops, and a process still using it keeps its mapping)."""
+        try:
+            await self.state.close()
+        finally:
+            self.limiter.close()
+            self.limiter.path.unlink(missing_ok=True)
+
+    @property
+    def required(self) -> bool:
+        return self.settings.required
+
+    async def authenticate(self, credential: str | None, client_ip: str | None, scope: str,
+                           model: str | None = None, *, always: bool = False) -> Principal:
+        """The caller, or Unauthorized/Forbidden with a stable code (see daemon.auth)."""
+        if not self.settings.required and not always:
+            return await self._open.authenticate(None, client_ip, scope)
+        return await self.auth.authenticate(credential, client_ip, scope, model)
+
+    async def check_ip(self, client_ip: str | None) -> None:
+        """Forbidden `ip_not_allowed` unless the global allow-list admits the address."""
+        await self._open.authenticate(None, client_ip, "infer")
+
+    def admit(self, principal: Principal) -> Admission:
+        """Take a concurrency slot and a request from the key's buckets, or raise RateLimited.
+
+        The slot is taken first so that a request refused for concurrency costs no request
+        token; a request refused by the buckets gives its slot back at once.
+        """
+        limits = principal.limits
+        if limits.unlimited:
+            return Admission(principal)
+        slot = self.limiter.acquire_concurrency(principal.id, limits.max_concurrent)
+        if not slot.allowed:
+            raise _refusal(slot)
+        holds = bool(limits.max_concurrent)
+        decision = self.limiter.check(principal.id, limits)
+        if not decision.allowed:
+            if holds:
+                self.limiter.release(principal.id)
+            raise _refusal(decision)
+        return Admission(principal, decision if limits.rpm or limits.tpm else None, holds)
+
+    def release(self, admission: Admission) -> None:
+        if admission.holds_slot:
+            admission.holds_slot = False
+            self.limiter.release(admission.principal.id)
+
+    def charge_tokens(self, principal: Principal, tokens: int) -> None:
+        """Debit tokens used (known after the response) from the key's tokens-per-minute."""
+        if principal.limits.tpm and tokens > 0:
+            self.limiter.charge_tokens(principal.id, tokens)
+
+    def admit_login(self, client_ip: str | None) -> None:
+        """Throttle password guessing per client address (RateLimited when exceeded)."""
+        decision = self.limiter.check(f"login:{client_ip or 'local'}", _LOGIN_LIMITS)
+        if not decision.allowed:
+            raise RateLimited("too many login attempts from this address",
+                              code="login_rate_limited", retry_after=decision.retry_after_s)
+
+    def record(self, request_id: str, *, principal: Principal | None, model: str | None,
+               route: str, status: int, code: str | None = None,
+               total_ms: float | None = None, prompt_tokens: int | None = None,
+               completion_tokens: int | None = None, body: bytes | None = None) -> None:
+        """Append one request-log row (buffered; never blocks the request)."""
+        self.state.requests.append(
+            request_id, key_id=principal.id if principal is not None else None, model=model,
+            route=route, status=status, code=code, total_ms=total_ms,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, body=body)
