@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from daemon.metrics import mark_dead
 from daemon.shm import reclaim
 
 __all__ = ["Child", "spawn", "backoff_for"]
@@ -73,6 +74,7 @@ def reap(child: Child, instance: str) -> int | None:
     removed = reclaim(instance, child.proc.pid)
     if removed:
         log.info("reclaimed %d shared-memory segment(s) of %s", len(removed), child.name)
+    mark_dead(child.proc.pid)
     return code
 
 

@@ -4,6 +4,8 @@
     ferry demo --out DIR                      prepare the demo model repository
     ferry models list|show|load|unload [NAME] talk to the running daemon
     ferry install-systemd [--root DIR] [--user ferry] [--dry-run] [--gpu] [--socket]
+    ferry tokens create|list|show|revoke|rotate   API keys (daemon/cli_tokens.py)
+    ferry users create|list|delete|passwd         admin users
 """
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     inst = sub.add_parser("install-systemd", help="install the systemd unit and config")
     from daemon.systemd_install import add_arguments
     add_arguments(inst)
+    from daemon import cli_tokens
+    cli_tokens.add_parser(sub, COMMANDS, _config_args)   # tokens, users
     return parser
 
 
@@ -74,6 +78,9 @@ def _check_bind(cfg: Config) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
     _check_bind(cfg)
+    if cfg.auth.required:
+        from daemon.cli_tokens import require_credentials
+        require_credentials(cfg)
     from daemon.logs import setup_logging
     setup_logging(cfg.logging.level, cfg.logging.format, role="supervisor")
     if args.demo:
@@ -151,11 +158,6 @@ COMMANDS = {"serve": cmd_serve, "models": cmd_models, "demo": cmd_demo,
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    try:
-        from daemon import cli_tokens
-        cli_tokens.add_parser(parser, COMMANDS)
-    except ImportError:
-        pass
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -31,6 +31,14 @@ def _model_arg(args: dict[str, Any]) -> str:
     return name
 
 
+def _by_sha(sup: Supervisor, name: str) -> str:
+    """A loaded version's SHA-256 id stands for its model's name."""
+    for mv in sup.models.values():
+        if mv.sha256 is not None and mv.sha256 == name.lower():
+            return mv.name
+    return name
+
+
 async def _index(sup: Supervisor) -> dict[str, Any]:
     rows = []
     on_disk = scan(sup.cfg.model_repository)
@@ -51,7 +59,7 @@ async def _index(sup: Supervisor) -> dict[str, Any]:
 
 
 async def _load(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
-    name = _model_arg(args)
+    name = _by_sha(sup, _model_arg(args))
     versions = scan(sup.cfg.model_repository).get(name)
     if not versions:
         raise ModelNotFound(f"model {name!r} is not in the repository", param="model")
@@ -71,17 +79,18 @@ async def _load(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
             loaded.append(v)
         stale = [k for k in sup.models if k[0] == name and k[1] not in wanted]
         await sup._unload_many(stale)
-    return {"loaded": loaded, "unloaded": [v for _, v in stale]}
+    # epoch: the placement that shows the result; frontends wait for it before answering
+    return {"loaded": loaded, "unloaded": [v for _, v in stale], "epoch": sup.epoch}
 
 
 async def _unload(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
-    name = _model_arg(args)
+    name = _by_sha(sup, _model_arg(args))
     keys = [k for k in sup.models if k[0] == name]
     if not keys:
         raise ModelNotFound(f"model {name!r} is not loaded", param="model")
     async with sup._lock:
         await sup._unload_many(keys)
-    return {"unloaded": [v for _, v in keys]}
+    return {"unloaded": [v for _, v in keys], "epoch": sup.epoch}
 
 
 async def _register_region(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +158,10 @@ async def handle_control(sup: Supervisor, op: str, args: dict[str, Any]) -> dict
         return {}
     if op == "status":
         pl = sup.placement()
+        repo = sup.cfg.repository
         return {"state": pl.state, "engines": pl.engines, "models": pl.models,
-                "regions": pl.regions}
+                "regions": pl.regions,
+                "repository": {"root": str(sup.cfg.model_repository),
+                               "control_mode": repo.control_mode,
+                               "version_policy": repo.version_policy}}
     raise InvalidInput(f"unknown control operation {op!r}", code="unknown_operation")

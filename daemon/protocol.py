@@ -130,6 +130,7 @@ class Infer(Message):
     out_shm: dict[str, ShmLoc] | None = None   # write these outputs into the caller's region
     request_id: str = ""                 # X-Request-ID, for logs
     frees: list[ShmLoc] = field(default_factory=list)   # engine blocks the sender is done with
+    auth: str = ""                       # client → ZMQ frontend: API key or JWT; never forwarded
 
 
 @dataclass(slots=True)
@@ -155,6 +156,7 @@ class Generate(Message):
     params: dict[str, Any]
     request_id: str = ""
     frees: list[ShmLoc] = field(default_factory=list)
+    auth: str = ""                       # client → ZMQ frontend: API key or JWT; never forwarded
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from daemon import metrics
 from daemon import protocol as P
 from daemon.children import Child, backoff_for, reap, spawn, stop_all
 from daemon.config import Config
@@ -84,6 +85,7 @@ class Supervisor:
     # -- start -------------------------------------------------------------------------------
     async def run(self) -> int:
         self.rt.mkdir(parents=True, exist_ok=True, mode=0o700)
+        metrics.prepare_dir(self.rt)   # before any child starts: they inherit the variable
         stale = reclaim_orphans()
         if stale:
             log.warning("removed %d shared-memory segment(s) left by dead processes", len(stale))
@@ -219,6 +221,9 @@ class Supervisor:
         import socket
         host, port = self.cfg.server.host, self.cfg.server.port
         probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        # SO_REUSEADDR: connections of a just-stopped daemon in TIME_WAIT must not block a
+        # restart; a socket still listening on the port is refused all the same.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
@@ -268,7 +273,11 @@ class Supervisor:
                      or (self.models[k].state == "ready"
                          and self.models[k].fingerprint != fingerprint(wanted[k]))]
             results = await asyncio.gather(*(self._load(k[0], k[1], wanted[k]) for k in loads))
-            stale = [k for k in self.models if k not in wanted]
+            failed = {k[0] for k, ok in zip(loads, results) if not ok}
+            # A model whose new version failed to load keeps serving the versions it has (as
+            # Triton does); they go once a version that loads replaces them.
+            stale = [k for k in self.models if k not in wanted
+                     and (k[0] not in failed or self.models[k].state != "ready")]
             await self._unload_many(stale)
             return {"loaded": [f"{n}:{v}" for (n, v), ok in zip(loads, results) if ok],
                     "unloaded": [f"{n}:{v}" for n, v in stale]}
@@ -430,7 +439,9 @@ class Supervisor:
             if self.cfg.repository.control_mode != "poll" or self.state == "draining":
                 continue
             current = self._repository_fingerprint()
-            if current != last and last is not None:
+            # The first look in poll mode applies too: a model added between a SIGHUP that
+            # switched to poll and that look would otherwise be taken as the baseline.
+            if current != last:
                 log.info("model repository changed; applying")
                 try:
                     await self.apply_repository()
@@ -464,6 +475,8 @@ class Supervisor:
             return
         while True:
             await asyncio.sleep(interval)
+            if self.state == "starting":
+                continue   # systemd hears READY=1 first; start-up has its own timeout
             try:
                 await asyncio.gather(*(self.engine_call(eid, P.StatsQuery(uuid.uuid4().hex),
                                                         timeout_s=interval)
@@ -511,6 +524,7 @@ class Supervisor:
                 (self.rt / name).unlink()
             except FileNotFoundError:
                 pass
+        metrics.remove_dir(self.rt)
 
     # -- control -----------------------------------------------------------------------------
     async def _control_loop(self, sock: zmq.asyncio.Socket) -> None:

@@ -131,15 +131,18 @@ class EngineHost:
 
     # -- inbound ----------------------------------------------------------------------------
     def handle(self, identity: bytes, frames: list[Any]) -> None:
-        msg_id = ""
+        msg_id = request_id = ""
         try:
             msg, buffers = P.decode(frames)
-            msg_id = getattr(msg, "id", "")
+            msg_id, request_id = getattr(msg, "id", ""), getattr(msg, "request_id", "")
             for loc in getattr(msg, "frees", ()):
                 self._free(loc)
             self.handlers[msg.TYPE](identity, msg, buffers)
         except FerryError as exc:
             self.counters["errors"] += 1
+            log.log(logging.WARNING if exc.status >= 500 else logging.INFO,
+                    "request %s refused: %s", msg_id, exc.message,
+                    extra={"request_id": request_id, "code": exc.code})
             self.reply_error(identity, msg_id, exc)
         except KeyError as exc:
             self.reply_error(identity, msg_id, InvalidInput(f"unexpected message {exc}",
@@ -300,6 +303,9 @@ class EngineHost:
             if res.error is not None:
                 err = res.error if isinstance(res.error, FerryError) else InternalError(
                     f"engine failure: {res.error}")
+                log.log(logging.WARNING if err.status >= 500 else logging.INFO,
+                        "request %s of %s v%d failed: %s", res.id, *pend.key, err.message,
+                        extra={"request_id": pend.request_id, "code": err.code})
                 self.reply_error(pend.identity, res.id, err)
             elif isinstance(res, TokenOutput):
                 self.io.send(pend.identity, P.encode(P.Tokens(

@@ -19,6 +19,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from daemon import metrics
 from daemon import protocol as P
 from daemon.errors import (EngineDied, FerryError, ModelNotFound, ModelUnavailable,
                            error_from_wire)
@@ -57,6 +58,7 @@ class _Req:
     future: asyncio.Future | None = None
     queue: asyncio.Queue | None = None
     tokens_seen: int = 0
+    timer: metrics.StreamTimer | None = None   # generations: TTFT / inter-token latency
 
 
 @dataclass(slots=True)
@@ -114,14 +116,18 @@ class Dispatcher:
         self.replies: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
         self._sha_index: dict[str, tuple[str, int]] = {}
+        self._sub: zmq.Socket | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self, wait_s: float = 30.0) -> None:
-        sub = self.ctx.socket(zmq.SUB)
+        # A plain socket the loop watches, so resolve() can also drain it on the spot.
+        sub = self.sync_ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(self.placement_endpoint)
-        self._tasks.append(asyncio.create_task(self._placement_loop(sub)))
+        self._sub = sub
+        asyncio.get_running_loop().add_reader(sub.fileno(), self._read_placement)
+        self._read_placement()
         self._tasks.append(asyncio.create_task(self._free_loop()))
         deadline = time.monotonic() + wait_s
         while self.placement is None:
@@ -134,6 +140,10 @@ class Dispatcher:
                 pass
 
     async def close(self) -> None:
+        if self._sub is not None:
+            asyncio.get_running_loop().remove_reader(self._sub.fileno())
+            self._sub.close(0)
+            self._sub = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -143,20 +153,22 @@ class Dispatcher:
             self._fail(req, EngineDied("frontend shutting down"))
 
     # -- placement --------------------------------------------------------------------------
-    async def _placement_loop(self, sub: zmq.asyncio.Socket) -> None:
-        try:
-            while True:
-                frames = await sub.recv_multipart()
-                try:
-                    msg, _ = P.decode(frames)
-                except FerryError:
-                    log.warning("ignoring a malformed placement message")
-                    continue
-                if isinstance(msg, P.Placement) and (
-                        self.placement is None or msg.epoch >= self.placement.epoch):
-                    self._apply_placement(msg)
-        finally:
-            sub.close(0)
+    def _read_placement(self) -> bool:
+        """Apply every placement message waiting on the socket; True if there was one. ZeroMQ's
+        descriptor is edge-triggered, so this drains until the socket reports no input."""
+        got = False
+        while self._sub is not None and self._sub.poll(0, zmq.POLLIN):
+            frames = self._sub.recv_multipart(zmq.NOBLOCK, copy=False)
+            got = True
+            try:
+                msg, _ = P.decode(frames)
+            except FerryError:
+                log.warning("ignoring a malformed placement message")
+                continue
+            if isinstance(msg, P.Placement) and (
+                    self.placement is None or msg.epoch >= self.placement.epoch):
+                self._apply_placement(msg)
+        return got
 
     def _apply_placement(self, msg: P.Placement) -> None:
         self.placement = msg
@@ -212,6 +224,16 @@ class Dispatcher:
     # -- model resolution --------------------------------------------------------------------
     def resolve(self, model: str, version: int | None = None) -> tuple[str, int, dict]:
         """(name, version, info) for a model name or SHA-256 id; version None → latest."""
+        try:
+            return self._resolve(model, version)
+        except (ModelNotFound, ModelUnavailable):
+            # A load or unload answered by another worker may have published a placement this
+            # one has not read yet: read it now rather than refuse on stale routing.
+            if not self._read_placement():
+                raise
+            return self._resolve(model, version)
+
+    def _resolve(self, model: str, version: int | None) -> tuple[str, int, dict]:
         pl = self.placement
         if pl is None:
             raise ModelUnavailable("the daemon is starting")
@@ -232,6 +254,7 @@ class Dispatcher:
             raise ModelNotFound(f"model {model!r} has no version {version}", param="version")
         if v.get("state") != "ready":
             raise ModelUnavailable(f"model {model!r} version {version} is {v.get('state')}")
+        metrics.note_model(model)
         return model, version, v["info"]
 
     def _pick_engine(self, key: tuple[str, int]) -> _Link:
@@ -307,6 +330,7 @@ class Dispatcher:
         finally:
             if timer is not None:
                 timer.cancel()
+        metrics.observe_infer(name, result.queue_us, result.compute_us, result.batch_size)
         arrays_out, frees = unpack(result.outputs, buffers, self.regions, self.engine_prefix)
         engine = req.engine
 
@@ -324,7 +348,8 @@ class Dispatcher:
         rid = uuid.uuid4().hex
         ref = P.TensorRef("prompt", "int32", (len(prompt_ids),), frame=0)
         msg = P.Generate(rid, name, ver, [ref], params, request_id)
-        req = _Req(rid, link.engine, (name, ver), msg, [prompt], None, queue=asyncio.Queue())
+        req = _Req(rid, link.engine, (name, ver), msg, [prompt], None, queue=asyncio.Queue(),
+                   timer=metrics.StreamTimer(name, len(prompt_ids)))
         self._register(req)
         return Stream(self, req)
 
@@ -420,7 +445,24 @@ class Dispatcher:
             raise FerryError("unexpected reply from the supervisor", code="internal_error")
         if not reply.ok:
             raise error_from_wire(reply.error or {})
+        epoch = reply.result.get("epoch") if isinstance(reply.result, dict) else None
+        if isinstance(epoch, int) and not isinstance(epoch, bool):
+            await self._await_epoch(epoch)
         return reply.result
+
+    async def _await_epoch(self, epoch: int, timeout_s: float = 5.0) -> None:
+        """Read your writes: after a load or unload, answer once this worker routes by the
+        placement that op published (the reply can overtake the PUB message)."""
+        deadline = time.monotonic() + timeout_s
+        while self.placement is None or self.placement.epoch < epoch:
+            self.placement_changed.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self.placement_changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
 
     # -- replies ------------------------------------------------------------------------------
     def _on_frames(self, link: _Link, frames: list[Any]) -> None:
@@ -451,6 +493,8 @@ class Dispatcher:
                 req.future.set_result((msg, buffers))
         elif isinstance(msg, P.Tokens) and req.queue is not None:
             req.tokens_seen += len(msg.token_ids)
+            if req.timer is not None:
+                req.timer.tokens(msg)
             if msg.finished:
                 self._finish(req)
             req.queue.put_nowait(msg)

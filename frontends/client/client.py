@@ -59,7 +59,7 @@ class ClientRegion:
 
 def _infer_message(model: str, inputs: dict[str, np.ndarray], *, version: int | None,
                    outputs: list[str] | None, timeout_s: float | None, region: ClientRegion | None,
-                   out_shm: dict[str, P.ShmLoc] | None, request_id: str
+                   out_shm: dict[str, P.ShmLoc] | None, request_id: str, auth: str = ""
                    ) -> tuple[P.Infer, list[Any], list[P.ShmLoc]]:
     refs, frames, held = [], [], []
     for name, arr in inputs.items():
@@ -72,7 +72,7 @@ def _infer_message(model: str, inputs: dict[str, np.ndarray], *, version: int | 
             frames.append(arr)
         refs.append(ref)
     msg = P.Infer(uuid.uuid4().hex, model, version or 0, refs, outputs,
-                  int(timeout_s * 1000) if timeout_s else 0, out_shm, request_id)
+                  int(timeout_s * 1000) if timeout_s else 0, out_shm, request_id, auth=auth)
     return msg, frames, held
 
 
@@ -97,9 +97,11 @@ def _result_arrays(msg: P.Message, buffers: list[Any], region: ClientRegion | No
 
 
 class FerryClient:
-    """Synchronous client: one request at a time on one DEALER socket."""
+    """Synchronous client: one request at a time on one DEALER socket. `api_key` (an API key
+    or admin JWT) is sent with every request when the daemon requires authentication."""
 
-    def __init__(self, endpoint: str, *, timeout_s: float = 60.0) -> None:
+    def __init__(self, endpoint: str, *, timeout_s: float = 60.0, api_key: str = "") -> None:
+        self.api_key = api_key
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -145,7 +147,8 @@ class FerryClient:
             raise FerryError("register_region() first to use shared memory", code="no_region")
         msg, frames, held = _infer_message(model, inputs, version=version, outputs=outputs,
                                            timeout_s=timeout_s, region=region if use_shm else None,
-                                           out_shm=out_shm, request_id=request_id)
+                                           out_shm=out_shm, request_id=request_id,
+                                           auth=self.api_key)
         try:
             reply, buffers = self._call(msg, frames)
             return _result_arrays(reply, buffers, region)
@@ -187,9 +190,11 @@ def _check(reply: P.Message) -> None:
 
 
 class AsyncFerryClient:
-    """asyncio client: many concurrent requests and streams over one socket."""
+    """asyncio client: many concurrent requests and streams over one socket. `api_key` as
+    for FerryClient."""
 
-    def __init__(self, endpoint: str, *, timeout_s: float = 60.0) -> None:
+    def __init__(self, endpoint: str, *, timeout_s: float = 60.0, api_key: str = "") -> None:
+        self.api_key = api_key
         self.ctx = zmq.asyncio.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -244,7 +249,7 @@ class AsyncFerryClient:
             raise FerryError("register_region() first to use shared memory", code="no_region")
         msg, frames, held = _infer_message(model, inputs, version=version, outputs=outputs,
                                            timeout_s=timeout_s, region=region, out_shm=None,
-                                           request_id=request_id)
+                                           request_id=request_id, auth=self.api_key)
         try:
             reply, buffers = await self._call(msg, frames)
             return _result_arrays(reply, buffers, region)
@@ -257,7 +262,8 @@ class AsyncFerryClient:
         rid = uuid.uuid4().hex
         prompt = np.asarray(prompt_ids, dtype=np.int32)
         msg = P.Generate(rid, model, version or 0,
-                         [P.TensorRef("prompt", "int32", (len(prompt),), frame=0)], params)
+                         [P.TensorRef("prompt", "int32", (len(prompt),), frame=0)], params,
+                         auth=self.api_key)
         q = await self._start(rid)
         finished = False
         try:
@@ -273,13 +279,13 @@ class AsyncFerryClient:
                 await self.sock.send_multipart(P.encode(P.Cancel(rid)))
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-        if self.region is not None:
+        if self.region is not None:   # before the reader stops: it delivers the reply
             try:
                 reply, _ = await self._call(P.UnregisterRegion(uuid.uuid4().hex,
                                                                self.region.name))
             finally:
                 self.region.close()
                 self.region = None
+        if self._reader is not None:
+            self._reader.cancel()
         self.sock.close(0)

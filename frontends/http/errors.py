@@ -18,6 +18,7 @@ import uuid
 from typing import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from daemon.errors import FerryError, RateLimited
 
@@ -82,6 +83,10 @@ async def error_middleware(request: web.Request,
         message = exc.text if exc.text and not exc.text.startswith(str(exc.status)) \
             else exc.reason
         return error_response(request, FerryError(message, code=code, status=exc.status))
+    except RequestPayloadError:   # a body aiohttp could not decode (bad gzip, bad chunking)
+        return error_response(request, FerryError(
+            "the request body could not be decoded (check Content-Encoding)",
+            code="invalid_body", status=400))
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path,
                       extra={"request_id": rid})

@@ -34,7 +34,8 @@ def create_app(dispatcher: Dispatcher, settings: FrontendSettings) -> web.Applic
     app[SETTINGS] = settings
     app.add_routes(kserve.routes)
     for extra in ("frontends.http.openai", "frontends.http.ws", "frontends.http.admin",
-                  "frontends.http.vision"):
+                  "frontends.http.vision", "frontends.http.metrics",
+                  "frontends.http.admin_models", "frontends.http.batches"):
         try:
             module = __import__(extra, fromlist=["setup"])
         except ModuleNotFoundError as exc:
@@ -69,6 +70,8 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
         settings = FrontendSettings(args["worker"], args["max_body"], args["request_timeout_s"],
                                     args["inline_threshold"])
         app = create_app(dispatcher, settings)
+        from frontends.http.security import install as install_security
+        install_security(app, args)   # auth, rate limits, CORS, request log (before start)
         runner = web.AppRunner(app, shutdown_timeout=args["drain_grace_s"], access_log=None,
                                handle_signals=False)
         await runner.setup()

@@ -4,13 +4,21 @@ Clients send `Infer`, `Generate`, `Cancel`, `RegisterRegion`, `UnregisterRegion`
 `StatsQuery`; each request runs as its own task, so one slow request never holds up another.
 Tensors arrive as inline frames (forwarded zero-copy) or as references into a region the client
 registered; results go back inline, or into the client's region when it asked for that.
+
+Access control (frontends/access.py, the same rules as HTTP): `Infer` and `Generate` carry the
+caller's API key or JWT in `auth`; the key's scope (`infer`), model list, IP allow-list (the TCP
+peer; an ipc:// peer is local and guarded by the socket file's mode) and rate limits apply, and
+each request is logged. With auth required, region and stats messages, which carry no
+credential, are accepted only over ipc://.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
+import time
 from typing import Any
 
 import numpy as np
@@ -19,9 +27,10 @@ import zmq
 import zmq.asyncio
 
 from daemon import protocol as P
-from daemon.errors import FerryError, InternalError, InvalidInput
+from daemon.errors import FerryError, Forbidden, InternalError, InvalidInput
 from daemon.process import init_child
 from daemon.shm import Arena, RegionMap, segment_name
+from frontends.access import Access, AccessSettings
 from frontends.dispatch import Dispatcher
 from frontends.zmq_reader import LoopSocket
 
@@ -30,10 +39,19 @@ __all__ = ["ZmqFrontend", "run_zmq"]
 log = logging.getLogger(__name__)
 
 
+def _peer_ip(frame: Any) -> str | None:
+    """The TCP peer's address; None for ipc:// (ZeroMQ reports "localhost:…" there)."""
+    try:
+        peer = frame.get("Peer-Address")
+        return str(ipaddress.ip_address(peer))
+    except (AttributeError, ValueError, zmq.ZMQError):
+        return None
+
+
 class ZmqFrontend:
     def __init__(self, dispatcher: Dispatcher, sock: zmq.Socket,
-                 request_timeout_s: float) -> None:
-        self.d, self.timeout_s = dispatcher, request_timeout_s
+                 request_timeout_s: float, access: Access | None = None) -> None:
+        self.d, self.timeout_s, self.access = dispatcher, request_timeout_s, access
         self.streams: dict[tuple[bytes, str], Any] = {}
         self.tasks: set[asyncio.Task] = set()
         self.accepting = True
@@ -43,7 +61,7 @@ class ZmqFrontend:
         if not self.accepting:
             return   # draining: the client's own timeout answers it; nothing half-done here
         identity, *rest = frames
-        task = asyncio.create_task(self.handle(identity.bytes, rest))
+        task = asyncio.create_task(self.handle(identity.bytes, rest, _peer_ip(identity)))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -58,15 +76,19 @@ class ZmqFrontend:
                    ) -> None:
         self.sock.send([identity, *P.encode(msg, buffers)])
 
-    async def handle(self, identity: bytes, frames: list[Any]) -> None:
+    async def handle(self, identity: bytes, frames: list[Any], peer: str | None = None) -> None:
         msg_id = ""
         try:
             msg, buffers = P.decode(frames)
             msg_id = getattr(msg, "id", "")
             if isinstance(msg, P.Infer):
-                await self.on_infer(identity, msg, buffers)
+                await self.guarded(self.on_infer, identity, msg, buffers, peer)
             elif isinstance(msg, P.Generate):
-                await self.on_generate(identity, msg, buffers)
+                await self.guarded(self.on_generate, identity, msg, buffers, peer)
+            elif peer is not None and self.access is not None and self.access.required \
+                    and not isinstance(msg, P.Cancel):
+                raise Forbidden(f"{msg.TYPE!r} messages carry no credential and are accepted "
+                                "only over the local ipc:// endpoint", code="local_only")
             elif isinstance(msg, P.Cancel):
                 stream = self.streams.get((identity, msg.id))
                 if stream is not None:
@@ -90,6 +112,31 @@ class ZmqFrontend:
             log.exception("zmq request failed")
             err = InternalError(f"internal error: {type(exc).__name__}")
             await self.send(identity, P.ErrorReply(msg_id, err.status, err.code, err.message))
+
+    async def guarded(self, run: Any, identity: bytes, msg: P.Infer | P.Generate,
+                      buffers: list[Any], peer: str | None) -> None:
+        """Authenticate, rate-limit, run and log one Infer or Generate."""
+        if self.access is None:
+            return await run(identity, msg, buffers)
+        started, status, code, principal, admission = time.monotonic(), 500, None, None, None
+        try:
+            try:
+                model = self.d.resolve(msg.model)[0]
+            except FerryError:
+                model = msg.model           # unknown: the dispatcher answers 404 below
+            principal = await self.access.authenticate(msg.auth or None, peer, "infer", model)
+            admission = self.access.admit(principal)
+            await run(identity, msg, buffers)
+            status = 200
+        except FerryError as exc:
+            status, code = exc.status, exc.code
+            raise
+        finally:
+            if admission is not None:
+                self.access.release(admission)
+            self.access.record(msg.request_id or msg.id, principal=principal, model=msg.model,
+                               route=f"ZMQ {msg.TYPE}", status=status, code=code,
+                               total_ms=(time.monotonic() - started) * 1000.0)
 
     async def on_infer(self, identity: bytes, msg: P.Infer, buffers: list[Any]) -> None:
         arrays, region_refs = {}, []
@@ -154,7 +201,9 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
+    access = None
     try:
+        access = await Access.open(AccessSettings.from_args(args))
         await d.start()
         sock.bind(args["bind"])
         if args["bind"].startswith("ipc://"):
@@ -162,8 +211,10 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
             os.chmod(args["bind"][len("ipc://"):], 0o660)
         await d.control("frontend_ready", {"role": "zmq"})
         log.info("zmq frontend serving on %s", args["bind"])
-        await ZmqFrontend(d, sock, args["request_timeout_s"]).serve(stop)
+        await ZmqFrontend(d, sock, args["request_timeout_s"], access).serve(stop)
     finally:
+        if access is not None:
+            await access.close()
         sock.close(0)
         await d.close()
         arena.close(unlink=True)
