@@ -150,8 +150,9 @@ def _delivered(d: SecureDaemon, job_id: str) -> bool:
 
 @pytest.fixture(scope="module")
 def ferry(demo_models, tmp_path_factory):
-    d = SecureDaemon(tensor_repo(demo_models, tmp_path_factory, ("digits", "smollm2")),
-                     workers=2, extra_config="[auth]\nrequired = true\n")
+    repo = tensor_repo(demo_models, tmp_path_factory, ("digits", "smollm2"))
+    _slow_repo(repo)   # `slow` too, so a cancel reliably lands while items are pending
+    d = SecureDaemon(repo, workers=2, extra_config="[auth]\nrequired = true\n")
     d.keys = _seed(d)
     d.start(timeout_s=180)
     yield d
@@ -273,7 +274,9 @@ def test_batch_model_allow_list_auth_and_visibility(ferry):
 
 
 def test_cancel_stops_pending_items(ferry):
-    _, items = _digits(200)
+    items = [{"custom_id": f"s-{i}", "url": "/v2/models/slow/infer",
+              "body": {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                   "data": [float(i), 1.0, 2.0, 3.0]}]}} for i in range(200)]
     status, _, job = call(ferry, "POST", "/v1/batches", key=ferry.keys["owner"],
                           body={"requests": items})
     assert status == 201
