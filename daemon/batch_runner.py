@@ -220,7 +220,7 @@ class BatchRunner:
             log.error("batch %s item %d: result not stored (%s); it runs again after restart",
                       item.job_id, item.idx, exc)
         finally:
-            self._items.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._items.discard(asyncio.current_task())
             self.wake()
 
     # -- webhooks -----------------------------------------------------------------------------

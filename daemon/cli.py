@@ -14,7 +14,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from daemon.config import Config, load_config
 from daemon.errors import ConfigError, FerryError
@@ -103,7 +103,7 @@ def _control(cfg: Config, op: str, cargs: dict[str, Any]) -> dict[str, Any]:
 
     from daemon import protocol as P
     from daemon.errors import error_from_wire
-    ctx = zmq.Context.instance()
+    ctx: zmq.SyncContext = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(f"ipc://{cfg.runtime_dir}/control.sock")
@@ -152,8 +152,10 @@ def cmd_install_systemd(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"serve": cmd_serve, "models": cmd_models, "demo": cmd_demo,
-            "install-systemd": cmd_install_systemd}
+# cli_tokens.add_parser adds its subcommands here too, so this is a mutable dict.
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": cmd_serve, "models": cmd_models, "demo": cmd_demo,
+    "install-systemd": cmd_install_systemd}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,8 +96,9 @@ async def _unload(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
 async def _register_region(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
     name, key = args.get("name"), args.get("key")
     offset, nbytes = args.get("offset", 0), args.get("nbytes")
-    if not all(isinstance(x, str) for x in (name, key)) or not all(
-            isinstance(x, int) and not isinstance(x, bool) for x in (offset, nbytes)):
+    if not (isinstance(name, str) and isinstance(key, str)
+            and isinstance(offset, int) and not isinstance(offset, bool)
+            and isinstance(nbytes, int) and not isinstance(nbytes, bool)):
         raise InvalidInput("region needs a name, key, offset and byte size",
                            code="shm_bad_region")
     if name in sup.regions:

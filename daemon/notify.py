@@ -121,7 +121,7 @@ class Notifier:
             lines.append(f"{key}={text.translate(_FOLD_NEWLINES)}")
         if self._address is None:
             return False
-        return self._sendto("\n".join(lines).encode())
+        return self._sendto(self._address, "\n".join(lines).encode())
 
     def close(self) -> None:
         with self._lock:
@@ -134,24 +134,24 @@ class Notifier:
             fields["STATUS"] = status
         return self.send(**fields)
 
-    def _sendto(self, data: bytes) -> bool:
+    def _sendto(self, address: str, data: bytes) -> bool:
         with self._lock:
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX,
                                                socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                     self._sock.settimeout(_SEND_TIMEOUT_S)
-                self._sock.sendto(data, self._address)
+                self._sock.sendto(data, address)
             except OSError as exc:
                 self._drop_socket()
                 # Warn on the first failure only: the watchdog pings every few seconds and a
                 # gone service manager would otherwise flood the log.
                 level = logging.DEBUG if self._failing else logging.WARNING
-                log.log(level, "sd_notify to %s failed: %s", _printable(self._address), exc)
+                log.log(level, "sd_notify to %s failed: %s", _printable(address), exc)
                 self._failing = True
                 return False
             if self._failing:
-                log.info("sd_notify to %s works again", _printable(self._address))
+                log.info("sd_notify to %s works again", _printable(address))
                 self._failing = False
             return True
 

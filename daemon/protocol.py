@@ -71,6 +71,13 @@ class TensorRef:
     def nbytes(self) -> int:
         return tensor_nbytes(self.dtype, self.shape)
 
+    def frame_index(self) -> int:
+        """Index of the inline frame holding this tensor's bytes. A decoded ref is either
+        inline or in shared memory, so this only fails for a ref that is neither."""
+        if self.frame is None:
+            raise BadMessage(f"malformed message: tensor {self.name!r} has no inline frame")
+        return self.frame
+
     def to_wire(self) -> dict[str, Any]:
         loc: dict[str, Any] = ({"frame": self.frame} if self.shm is None else
                                {"region": self.shm.region, "offset": self.shm.offset,
@@ -385,7 +392,8 @@ def decode(frames: list[Any]) -> tuple[Message, list[Any]]:
     mtype = header.get("t")
     # an unhashable "t" (a list or map) must be a bad message, not a TypeError
     cls = _REGISTRY.get(mtype) if isinstance(mtype, str) else None
-    _need(cls is not None, f"unknown message type {mtype!r:.60}")
+    if cls is None:
+        raise BadMessage(f"malformed message: unknown message type {mtype!r:.60}")
     buffers = list(frames[1:])
     kwargs: dict[str, Any] = {}
     for f in fields(cls):

@@ -151,7 +151,7 @@ def _check_tokenizer(section: dict[str, Any] | None, version_dir: Path) -> None:
     if section is None:
         return
     file = _relative_name(section.get("file", "tokenizer.json"), "tokenizer.file")
-    if not (version_dir / file).is_file():
+    if file is None or not (version_dir / file).is_file():
         raise _error(f"tokenizer.file {file!r} not found in {version_dir}", "tokenizer.file")
     max_length = section.get("max_length", 512)
     if not _is_int(max_length) or max_length <= 0:

@@ -20,6 +20,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -219,7 +220,7 @@ class RegionMap:
         except BufferError:
             pass   # a live numpy view pins it; it closes when garbage-collected
 
-    def status(self) -> list[dict[str, object]]:
+    def status(self) -> list[dict[str, Any]]:   # the records a RegionReply carries
         return [{"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.nbytes}
                 for r in self._regions.values() if not r.name.startswith(self._own_prefix)]
 
@@ -265,7 +266,7 @@ class RegionMap:
 
 def reclaim(instance: str, pid: int | None = None) -> list[str]:
     """Unlink Ferry segments of `instance` (only those of `pid` when given). Returns names."""
-    removed = []
+    removed: list[str] = []
     prefix = f"ferry-{instance}-"
     try:
         entries = list(SHM_DIR.iterdir())
@@ -296,7 +297,7 @@ def _unlink(path: Path) -> bool:
 def reclaim_orphans() -> list[str]:
     """Unlink Ferry segments of any instance whose owning process no longer exists (left by a
     supervisor that was itself killed with SIGKILL)."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(SHM_DIR.iterdir())
     except FileNotFoundError:

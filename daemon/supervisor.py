@@ -438,7 +438,7 @@ class Supervisor:
             await asyncio.sleep(self.cfg.repository.poll_interval_s)
             if self.cfg.repository.control_mode != "poll" or self.state == "draining":
                 continue
-            current = self._repository_fingerprint()
+            current: tuple | None = self._repository_fingerprint()
             # The first look in poll mode applies too: a model added between a SIGHUP that
             # switched to poll and that look would otherwise be taken as the baseline.
             if current != last:

@@ -118,10 +118,10 @@ class Access:
 
     @classmethod
     async def open(cls, settings: AccessSettings) -> Access:
-        retention = ({"log_max_age_s": _LOG_MAX_AGE_S, "log_max_rows": _LOG_MAX_ROWS}
-                     if settings.prune_log else {})
+        prune = settings.prune_log
         state = await open_state(settings.state_dir, store_bodies=settings.log_bodies,
-                                 **retention)
+                                 log_max_age_s=_LOG_MAX_AGE_S if prune else None,
+                                 log_max_rows=_LOG_MAX_ROWS if prune else None)
         try:
             jwt = JwtIssuer(read_jwt_secret(settings))
             settings.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

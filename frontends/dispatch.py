@@ -105,7 +105,8 @@ class Dispatcher:
                  control_endpoint: str, arena: Arena | None, regions: RegionMap,
                  instance: str, inline_threshold: int) -> None:
         self.ctx = ctx
-        self.sync_ctx = zmq.Context.shadow(ctx.underlying)   # request-path sockets: see LoopSocket
+        # request-path sockets: see LoopSocket
+        self.sync_ctx: zmq.SyncContext = zmq.Context.shadow(ctx.underlying)
         self.placement_endpoint, self.control_endpoint = placement_endpoint, control_endpoint
         self.arena, self.regions, self.inline_threshold = arena, regions, inline_threshold
         self.engine_prefix = f"ferry-{instance}-eng"
@@ -315,15 +316,15 @@ class Dispatcher:
         rid = uuid.uuid4().hex
         msg = P.Infer(rid, name, ver, packed.refs, outputs,
                       int(timeout_s * 1000) if timeout_s else 0, out_shm, request_id)
-        req = _Req(rid, link.engine, (name, ver), msg, packed.frames, packed,
-                   future=asyncio.get_running_loop().create_future())
+        future = asyncio.get_running_loop().create_future()
+        req = _Req(rid, link.engine, (name, ver), msg, packed.frames, packed, future=future)
         self._register(req)
         # A timer rather than asyncio.wait_for: no extra task on the request path. The engine
         # enforces the deadline itself; this only guards against an engine that never answers.
         timer = (asyncio.get_running_loop().call_later(timeout_s + 5, self._expire, req)
                  if timeout_s else None)
         try:
-            result, buffers = await req.future
+            result, buffers = await future
         except asyncio.CancelledError:
             self._finish(req)
             raise

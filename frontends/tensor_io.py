@@ -72,7 +72,7 @@ def unpack(refs: list[P.TensorRef], buffers: list[Any], regions: RegionMap,
             if engine_arena_prefix and ref.shm.region.startswith(engine_arena_prefix):
                 frees.append(ref.shm)
         else:
-            buf = buffers[ref.frame]
+            buf = buffers[ref.frame_index()]
             data = buf.buffer if hasattr(buf, "buffer") else buf
             size = memoryview(data).nbytes
             if size != ref.nbytes:

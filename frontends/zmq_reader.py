@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import zmq
 
@@ -26,7 +26,7 @@ class LoopSocket:
         self.sock = sock
         self.on_message = on_message
         self.loop = loop or asyncio.get_running_loop()
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd = sock.fileno()   # the same edge-triggered zmq.FD, typed as int
         self._scheduled = False
         self._closed = False
         self.loop.add_reader(self._fd, self._drain)
@@ -41,7 +41,8 @@ class LoopSocket:
         self._scheduled = False
         sock = self.sock
         for _ in range(1024):   # bounded, so one busy socket cannot starve the loop
-            if self._closed or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            # pyzmq types every getsockopt() as int | bytes; EVENTS is always an int bitmask
+            if self._closed or not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 return
             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             try:

@@ -37,9 +37,12 @@ class ClientRegion:
 
     def put(self, name: str, arr: np.ndarray) -> P.TensorRef:
         arr = np.asarray(arr, dtype=np.asarray(arr).dtype.newbyteorder("="), order="C")
+        return P.TensorRef(name, arr.dtype.name, tuple(arr.shape), shm=self.store(arr))
+
+    def store(self, arr: np.ndarray) -> P.ShmLoc:
+        """Copy a native-order C-contiguous `arr` into the region; where it landed."""
         loc = self.arena.put(arr)
-        return P.TensorRef(name, arr.dtype.name, tuple(arr.shape),
-                           shm=P.ShmLoc(self.name, loc.offset, loc.nbytes))
+        return P.ShmLoc(self.name, loc.offset, loc.nbytes)
 
     def reserve(self, nbytes: int) -> P.ShmLoc:
         off = self.arena.alloc(nbytes)
@@ -61,12 +64,15 @@ def _infer_message(model: str, inputs: dict[str, np.ndarray], *, version: int | 
                    outputs: list[str] | None, timeout_s: float | None, region: ClientRegion | None,
                    out_shm: dict[str, P.ShmLoc] | None, request_id: str, auth: str = ""
                    ) -> tuple[P.Infer, list[Any], list[P.ShmLoc]]:
-    refs, frames, held = [], [], []
+    refs: list[P.TensorRef] = []
+    frames: list[np.ndarray] = []
+    held: list[P.ShmLoc] = []
     for name, arr in inputs.items():
         arr = np.asarray(arr, dtype=np.asarray(arr).dtype.newbyteorder("="), order="C")
         if region is not None:
-            ref = region.put(name, arr)
-            held.append(ref.shm)
+            loc = region.store(arr)
+            ref = P.TensorRef(name, arr.dtype.name, tuple(arr.shape), shm=loc)
+            held.append(loc)
         else:
             ref = P.TensorRef(name, arr.dtype.name, tuple(arr.shape), frame=len(frames))
             frames.append(arr)
@@ -90,7 +96,7 @@ def _result_arrays(msg: P.Message, buffers: list[Any], region: ClientRegion | No
                 raise FerryError("result in shared memory but no region", code="bad_message")
             out[ref.name] = region.read(ref)
         else:
-            buf = buffers[ref.frame]
+            buf = buffers[ref.frame_index()]
             data = buf.buffer if hasattr(buf, "buffer") else buf
             out[ref.name] = np.frombuffer(data, dtype=ref.dtype).reshape(ref.shape)
     return out
@@ -102,7 +108,7 @@ class FerryClient:
 
     def __init__(self, endpoint: str, *, timeout_s: float = 60.0, api_key: str = "") -> None:
         self.api_key = api_key
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.SyncContext = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
@@ -270,9 +276,9 @@ class AsyncFerryClient:
             await self.sock.send_multipart(P.encode(msg, [prompt]), copy=False)
             while not finished:
                 reply, _ = await asyncio.wait_for(q.get(), self.timeout_s)
-                finished = isinstance(reply, P.ErrorReply) or reply.finished  # type: ignore[attr-defined]
+                finished = isinstance(reply, P.ErrorReply) or reply.finished
                 _check(reply)
-                yield reply  # type: ignore[misc]
+                yield reply
         finally:
             self._waiters.pop(rid, None)
             if not finished:   # the caller stopped early: free the engine's blocks now

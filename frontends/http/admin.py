@@ -115,8 +115,9 @@ def _key_args(body: dict[str, Any]) -> dict[str, Any]:
                            code="unknown_parameter", param=sorted(unknown)[0])
     if "name" not in body:
         raise InvalidInput("'name' is required", code="missing_parameter", param="name")
-    args = {k: body[k] for k in ("name", "scopes", "models", "rpm", "tpm", "max_concurrent",
-                                 "allow_ips") if k in body and body[k] is not None}
+    args: dict[str, Any] = {
+        k: body[k] for k in ("name", "scopes", "models", "rpm", "tpm", "max_concurrent",
+                             "allow_ips") if k in body and body[k] is not None}
     expires = body.get("expires", body.get("expires_at"))
     if expires is not None:
         args["expires_at"] = parse_expiry(expires, time.time())

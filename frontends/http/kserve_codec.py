@@ -198,7 +198,8 @@ def encode_outputs(arrays: dict[str, np.ndarray], parsed: ParsedInfer,
                    out_shm: dict[str, P.ShmLoc]) -> tuple[list[dict], list[bytes | memoryview]]:
     """JSON output entries and the binary chunks that follow the JSON (in the same order)."""
     wanted = {o.name: o for o in parsed.outputs} if parsed.outputs else None
-    entries, chunks = [], []
+    entries: list[dict] = []
+    chunks: list[bytes | memoryview] = []
     for name, arr in arrays.items():
         if wanted is not None and name not in wanted:
             continue

@@ -55,7 +55,7 @@ __all__ = ["ACCESS", "Policy", "policy_for", "install", "security_middleware",
 log = logging.getLogger(__name__)
 
 ACCESS = web.AppKey("access", Access)
-_CORS = web.AppKey("cors_origins", frozenset)
+_CORS: web.AppKey[frozenset[str]] = web.AppKey("cors_origins", frozenset)
 
 
 def _request_key(name: str, kind: type) -> Any:
@@ -406,9 +406,10 @@ def install(app: web.Application, args: dict[str, Any]) -> None:
     async def lifetime(app: web.Application):
         access = await Access.open(settings)
         app[ACCESS] = access
+        cors = app[_CORS]   # a separate statement: inside sorted() mypy infers the wrong key type
         log.info("security: auth %s, %d global allow-list entries, CORS %s",
                  "required" if settings.required else "off (admin API still needs a key)",
-                 len(settings.allow_ips), sorted(app[_CORS]) or "off")
+                 len(settings.allow_ips), sorted(cors) or "off")
         yield
         await access.close()
 

@@ -177,7 +177,7 @@ async def _read_image(request: web.Request, limit: int) -> bytes:
             if data is not None:
                 raise InvalidInput("send one image per request", code="too_many_files",
                                    param="file")
-            data = await _read_part(part, limit)  # type: ignore[arg-type]
+            data = await _read_part(part, limit)
     # aiohttp's errors for a malformed body
     except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
         raise InvalidInput(f"malformed multipart body: {exc}", code="invalid_multipart") from None

@@ -144,7 +144,7 @@ class ZmqFrontend:
             if ref.shm is not None:
                 region_refs.append(ref)
             else:
-                buf = buffers[ref.frame]
+                buf = buffers[ref.frame_index()]
                 data = buf.buffer if hasattr(buf, "buffer") else buf
                 if len(data) != ref.nbytes:
                     raise InvalidInput(f"input {ref.name!r}: frame holds {len(data)} bytes, "
@@ -156,7 +156,8 @@ class ZmqFrontend:
                                      timeout_s=timeout, request_id=msg.request_id,
                                      region_refs=region_refs, out_shm=msg.out_shm)
         try:
-            refs, out_frames = [], []
+            refs: list[P.TensorRef] = []
+            out_frames: list[np.ndarray] = []
             for name, arr in outcome.arrays.items():
                 ref = P.TensorRef(name, arr.dtype.name, tuple(arr.shape))
                 if msg.out_shm and name in msg.out_shm:
@@ -175,7 +176,7 @@ class ZmqFrontend:
         if len(msg.prompt) != 1 or msg.prompt[0].shm is not None:
             raise InvalidInput("generate needs one inline prompt tensor", code="bad_message")
         ref = msg.prompt[0]
-        buf = buffers[ref.frame]
+        buf = buffers[ref.frame_index()]
         data = buf.buffer if hasattr(buf, "buffer") else buf
         if len(data) != ref.nbytes or ref.dtype not in ("int32", "int64"):
             raise InvalidInput("prompt must be int32/int64 token ids", code="invalid_input")
@@ -197,7 +198,7 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
     d = Dispatcher(ctx, placement_endpoint=args["placement"], control_endpoint=args["control"],
                    arena=arena, regions=RegionMap(args["instance"]), instance=args["instance"],
                    inline_threshold=args["inline_threshold"])
-    sock = zmq.Context.shadow(ctx.underlying).socket(zmq.ROUTER)
+    sock: zmq.SyncSocket = zmq.Context.shadow(ctx.underlying).socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
