@@ -5,6 +5,7 @@ entry function calls `init_child()` and then runs its loop until `ProcessState.r
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import logging
@@ -12,10 +13,11 @@ import os
 import signal
 import sys
 import threading
+from typing import Awaitable, Callable
 
 from daemon.logs import setup_logging
 
-__all__ = ["ProcessState", "init_child", "set_title", "die_with_parent"]
+__all__ = ["ProcessState", "init_child", "set_title", "die_with_parent", "run_until_signalled"]
 
 _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
@@ -78,3 +80,18 @@ def init_child(role: str, *, parent_pid: int, log_level: str = "info",
     logging.getLogger(__name__).debug("%s started (pid %d, python %s)", role, os.getpid(),
                                       sys.version.split()[0])
     return state
+
+
+def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run an asyncio role on uvloop until SIGTERM/SIGINT sets the event `serve` waits on."""
+    import uvloop
+    uvloop.install()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(stop)
+    asyncio.run(main())
+    return 0

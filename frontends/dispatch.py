@@ -405,8 +405,14 @@ class Dispatcher:
         await self._await_regions(lambda names: name not in names if name else not names)
 
     async def _await_regions(self, cond: Any, timeout_s: float = 5.0) -> None:
+        await self._await_placement(
+            lambda pl: cond({r["name"] for r in pl.regions}), timeout_s)
+
+    async def _await_placement(self, cond: Any, timeout_s: float) -> None:
+        """Wait (at most `timeout_s`) until the placement this worker routes by satisfies
+        `cond`; publishing is asynchronous, so a control reply can overtake it."""
         deadline = time.monotonic() + timeout_s
-        while not cond({r["name"] for r in self.placement.regions}):  # type: ignore[union-attr]
+        while self.placement is None or not cond(self.placement):
             self.placement_changed.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -454,16 +460,7 @@ class Dispatcher:
     async def _await_epoch(self, epoch: int, timeout_s: float = 5.0) -> None:
         """Read your writes: after a load or unload, answer once this worker routes by the
         placement that op published (the reply can overtake the PUB message)."""
-        deadline = time.monotonic() + timeout_s
-        while self.placement is None or self.placement.epoch < epoch:
-            self.placement_changed.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            try:
-                await asyncio.wait_for(self.placement_changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                return
+        await self._await_placement(lambda pl: pl.epoch >= epoch, timeout_s)
 
     # -- replies ------------------------------------------------------------------------------
     def _on_frames(self, link: _Link, frames: list[Any]) -> None:

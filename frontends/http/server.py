@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 from typing import Any
 
-import uvloop
 import zmq
 import zmq.asyncio
 from aiohttp import web
 
-from daemon.process import init_child
+from daemon.process import init_child, run_until_signalled
 from daemon.shm import Arena, RegionMap, segment_name
 from frontends.dispatch import Dispatcher
 from frontends.http import kserve
@@ -92,13 +90,4 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
 def run_http(args: dict[str, Any]) -> int:
     init_child(f"http{args['worker']}", parent_pid=args["parent_pid"],
                log_level=args.get("log_level", "info"), log_format=args.get("log_format", "json"))
-    uvloop.install()
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await _serve(args, stop)
-    asyncio.run(main())
-    return 0
+    return run_until_signalled(lambda stop: _serve(args, stop))

@@ -17,18 +17,16 @@ import asyncio
 import ipaddress
 import logging
 import os
-import signal
 import time
 from typing import Any
 
 import numpy as np
-import uvloop
 import zmq
 import zmq.asyncio
 
 from daemon import protocol as P
 from daemon.errors import FerryError, Forbidden, InternalError, InvalidInput
-from daemon.process import init_child
+from daemon.process import init_child, run_until_signalled
 from daemon.shm import Arena, RegionMap, segment_name
 from frontends.access import Access, AccessSettings
 from frontends.dispatch import Dispatcher
@@ -225,13 +223,4 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
 def run_zmq(args: dict[str, Any]) -> int:
     init_child("zmq", parent_pid=args["parent_pid"], log_level=args.get("log_level", "info"),
                log_format=args.get("log_format", "json"))
-    uvloop.install()
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await _serve(args, stop)
-    asyncio.run(main())
-    return 0
+    return run_until_signalled(lambda stop: _serve(args, stop))
