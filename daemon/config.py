@@ -53,6 +53,7 @@ class EnginesConfig:
     devices: tuple[str, ...] = ("auto",)
     restart_backoff_s: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
     threads: int = 0                # torch / ORT intra-op threads per engine; 0 = library default
+    memory_mb: int = 0              # model memory budget per engine; 0 = from the device
 
 
 @dataclass(slots=True, frozen=True)
@@ -211,6 +212,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("engines.restart_backoff_s", "must be a non-empty list of seconds >= 0")
     if cfg.shm.inline_threshold_kb < 0:
         raise ConfigError("shm.inline_threshold_kb", "must be >= 0")
+    if cfg.engines.memory_mb < 0:
+        raise ConfigError("engines.memory_mb", "must be >= 0 (0: sized from the device)")
     if cfg.repository.control_mode not in ("none", "poll", "explicit"):
         raise ConfigError("repository.control_mode", "must be none, poll or explicit")
     if not cfg.repository.poll_interval_s > 0:

@@ -71,11 +71,12 @@ async def _load(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
             if key in sup.models and sup.models[key].state == "ready":
                 continue
             if not await sup._load(name, v, path):
-                err = sup.models[key].error or "load failed"
+                failed = sup.models[key]
                 del sup.models[key]
                 sup.publish()
-                raise FerryError(f"model {name!r} version {v} failed to load: {err}",
-                                 code="model_load_failed", status=422)
+                code, status = failed.error_code
+                raise FerryError(f"model {name!r} version {v} failed to load: "
+                                 f"{failed.error or 'load failed'}", code=code, status=status)
             loaded.append(v)
         stale = [k for k in sup.models if k[0] == name and k[1] not in wanted]
         await sup._unload_many(stale)

@@ -25,6 +25,7 @@ from daemon.children import Child, backoff_for, reap, spawn, stop_all
 from daemon.config import Config
 from daemon.devices import discover_devices
 from daemon.errors import FerryError, InvalidInput, error_from_wire
+from daemon.memory import MemoryLedger, device_budget, estimate_bytes
 from daemon.notify import Notifier
 from daemon.repository import fingerprint, scan, select_versions
 from daemon.shm import reclaim, reclaim_orphans
@@ -45,6 +46,7 @@ class ModelVersion:
     sha256: str | None = None
     engine_kind: str = ""
     error: str | None = None
+    error_code: tuple[str, int] = ("model_load_failed", 422)
     fingerprint: tuple = ()
 
 
@@ -151,6 +153,7 @@ class Supervisor:
                 "threads": self.cfg.engines.threads, "parent_pid": os.getpid(),
                 "log_level": self.cfg.logging.level, "log_format": self.cfg.logging.format})
             child.meta["alive"] = False
+            child.meta["memory"] = MemoryLedger(device_budget(dev, self.cfg.engines.memory_mb))
             self.engines[eid] = child
             spawn(child, self.instance)
         await asyncio.gather(*(self._await_engine(eid) for eid in self.engines))
@@ -297,15 +300,21 @@ class Supervisor:
                 None, load_spec, path, name, version)    # hashing weights must not block
             mv.sha256, mv.engine_kind = spec.sha256, spec.engine
             targets = self._alive_engines()
-            replies = await asyncio.gather(*(self.engine_call(
-                eid, P.Load(uuid.uuid4().hex, name, version, str(path))) for eid in targets))
+            self._reserve(f"{name}:{version}", estimate_bytes(spec), targets)
+            try:
+                replies = await asyncio.gather(*(self.engine_call(
+                    eid, P.Load(uuid.uuid4().hex, name, version, str(path))) for eid in targets))
+            except FerryError:
+                if not reloading:
+                    self._release(f"{name}:{version}")
+                raise
         except FerryError as exc:
             log.error("model %s v%d failed to load: %s", name, version, exc.message)
             if reloading:   # keep serving what works; a fixed file is retried on change
                 current.fingerprint = mv.fingerprint  # type: ignore[union-attr]
                 current.error = exc.message  # type: ignore[union-attr]
                 return False
-            mv.state, mv.error = "failed", exc.message
+            mv.state, mv.error, mv.error_code = "failed", exc.message, (exc.code, exc.status)
             self.publish()
             return False
         self.models[(name, version)] = mv
@@ -334,7 +343,33 @@ class Supervisor:
                 except FerryError as exc:
                     log.warning("unload of %s v%d on %s: %s", *key, eid, exc.message)
         del self.models[key]
+        self._release(f"{key[0]}:{key[1]}")
         self.publish()
+
+    def _ledger(self, eid: str) -> MemoryLedger:
+        ledger: MemoryLedger = self.engines[eid].meta["memory"]
+        return ledger
+
+    def _reserve(self, key: str, nbytes: int, engines: list[str]) -> None:
+        """Reserve memory for `key` on every engine, or on none (InsufficientMemory)."""
+        done: list[str] = []
+        previous = {eid: self._ledger(eid).reserved.get(key) for eid in engines}
+        try:
+            for eid in engines:
+                self._ledger(eid).reserve(key, nbytes, eid)
+                done.append(eid)
+        except FerryError:
+            for eid in done:
+                old = previous[eid]
+                if old is None:
+                    self._ledger(eid).release(key)
+                else:
+                    self._ledger(eid).reserved[key] = old
+            raise
+
+    def _release(self, key: str) -> None:
+        for eid in self.engines:
+            self._ledger(eid).release(key)
 
     # -- placement ---------------------------------------------------------------------------
     def _set_state(self, state: str) -> None:
@@ -345,7 +380,8 @@ class Supervisor:
     def placement(self) -> P.Placement:
         engines = {eid: {"endpoint": c.args["endpoint"], "device": c.args["device"],
                          "generation": c.generation, "alive": bool(c.meta.get("alive")),
-                         "pid": c.pid, "restarts": c.restarts}
+                         "pid": c.pid, "restarts": c.restarts,
+                         "memory": c.meta["memory"].as_dict()}
                    for eid, c in self.engines.items()}
         models: dict[str, Any] = {}
         for (name, version), mv in sorted(self.models.items()):
@@ -463,6 +499,11 @@ class Supervisor:
             raise FerryError("no engine is available to validate the model",
                              code="engine_unavailable", status=503)
         probe = f"{name}.validate-{uuid.uuid4().hex[:8]}"
+        from daemon.repository_spec import load_spec
+        spec = await asyncio.get_running_loop().run_in_executor(None, load_spec, path, name,
+                                                                version)
+        self._reserve(probe, estimate_bytes(spec), engines[:1])   # refuses what cannot fit
+        self._release(probe)
         reply = await self.engine_call(engines[0], P.Load(uuid.uuid4().hex, probe, version,
                                                           str(path)))
         await self.engine_call(engines[0], P.Unload(uuid.uuid4().hex, probe, version))
