@@ -61,6 +61,8 @@ def fingerprint(version_dir: Path) -> tuple:
     """Cheap change detector for poll mode: (name, size, mtime) of every file in the version."""
     out = []
     for path in sorted(version_dir.rglob("*")):
+        if any(part.startswith(".") for part in path.relative_to(version_dir).parts):
+            continue   # engine caches (.trt-cache) and editor files are not the model
         try:
             st = path.stat()
         except FileNotFoundError:
