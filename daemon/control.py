@@ -1,5 +1,6 @@
 """Operations the supervisor performs on request from frontends and the CLI (its control socket).
 
+    epoch            the current placement epoch (frontends catch up before a 404)
     frontend_ready   a frontend is listening
     validate         load a candidate model privately on one engine, then unload it
     index            repository index (Triton's /v2/repository/index)
@@ -136,6 +137,8 @@ async def _unregister_region(sup: Supervisor, args: dict[str, Any]) -> dict[str,
 
 
 async def handle_control(sup: Supervisor, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    if op == "epoch":   # the placement epoch now; the caller waits until it routes by it
+        return {"epoch": sup.epoch}
     if op == "frontend_ready":
         sup.frontends_ready.add(str(args.get("role")))
         return {}

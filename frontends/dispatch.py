@@ -258,6 +258,17 @@ class Dispatcher:
         metrics.note_model(model)
         return model, version, v["info"]
 
+    async def resolve_fresh(self, model: str, version: int | None = None
+                            ) -> tuple[str, int, dict]:
+        """`resolve`, but a miss first checks that this worker's placement is current: another
+        worker may have just loaded the model (read-your-writes across frontend processes).
+        Costs one supervisor round trip, and only when the model is not found or not ready."""
+        try:
+            return self.resolve(model, version)
+        except (ModelNotFound, ModelUnavailable):
+            await self.control("epoch", timeout_s=5.0)   # waits until we route by that epoch
+            return self.resolve(model, version)
+
     def _pick_engine(self, key: tuple[str, int]) -> _Link:
         assert self.placement is not None
         v = self.placement.models[key[0]]["versions"][str(key[1])]
@@ -310,7 +321,7 @@ class Dispatcher:
                     outputs: list[str] | None = None, timeout_s: float | None = None,
                     request_id: str = "", region_refs: list[P.TensorRef] = (),  # type: ignore[assignment]
                     out_shm: dict[str, P.ShmLoc] | None = None) -> InferOutcome:
-        name, ver, _info = self.resolve(model, version)
+        name, ver, _info = await self.resolve_fresh(model, version)
         link = self._pick_engine((name, ver))
         packed = pack(arrays, self.arena, self.inline_threshold, list(region_refs))
         rid = uuid.uuid4().hex
@@ -343,7 +354,7 @@ class Dispatcher:
 
     async def generate(self, model: str, version: int | None, prompt_ids: list[int],
                        params: dict[str, Any], request_id: str = "") -> Stream:
-        name, ver, _info = self.resolve(model, version)
+        name, ver, _info = await self.resolve_fresh(model, version)
         link = self._pick_engine((name, ver))
         prompt = np.asarray(prompt_ids, dtype=np.int32)
         rid = uuid.uuid4().hex

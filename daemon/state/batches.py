@@ -154,8 +154,14 @@ def _validate_webhook(url: str | None, secret: str | None) -> None:
         if secret is not None:
             raise InvalidInput("webhook_secret needs a webhook_url", param="webhook_secret")
         return
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    scheme = host = None
+    try:
+        if isinstance(url, str):
+            parts = urlsplit(url)
+            scheme, host = parts.scheme, parts.hostname
+    except ValueError:          # "http://[::1": urlsplit and .hostname raise on bad brackets
+        pass
+    if scheme not in ("http", "https") or not host:
         raise InvalidInput("webhook_url must be an http(s) URL", param="webhook_url")
     if secret is not None and (not isinstance(secret, str) or not 1 <= len(secret) <= 256):
         raise InvalidInput("webhook_secret must be 1-256 characters", param="webhook_secret")
@@ -383,7 +389,8 @@ class BatchStore:
             where.append("status = ?")
             params.append(JobStatus(status).value)
         if cursor is not None:
-            if not cursor.isdigit():
+            # ASCII ("²".isdigit()) and within SQLite's 64-bit integers
+            if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 18:
                 raise InvalidInput("cursor is malformed", param="cursor")
             where.append("rowid < ?")
             params.append(int(cursor))

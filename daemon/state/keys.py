@@ -120,9 +120,10 @@ def _models(models: Iterable[str] | None) -> tuple[str, ...] | None:
 def _limit(value: object, param: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInput(f"{param} must be a positive integer, or omitted for no limit",
-                           param=param)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
+        # the upper bound is SQLite's INTEGER
+        raise InvalidInput(f"{param} must be a positive integer (below 2**63), or omitted for "
+                           "no limit", param=param)
     return value
 
 

@@ -204,7 +204,8 @@ def _filters(model: str | None, status: int | None, key_id: str | None, since: f
         where.append("ts < ?")
         params.append(float(until))
     if cursor is not None:
-        if not cursor.isdigit():
+        # ASCII ("²".isdigit()) and within SQLite's 64-bit integers
+        if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 18:
             raise InvalidInput("cursor is malformed", param="cursor")
         where.append("id < ?")
         params.append(int(cursor))

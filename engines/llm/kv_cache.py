@@ -113,7 +113,8 @@ class AttentionMetadata:
         padded = torch.tensor([bt + [0] * (width - len(bt)) for bt in block_tables],
                               dtype=torch.int64, device=device)          # [B, nb]
         lens = torch.tensor(query_lens, dtype=torch.int64, device=device)
-        seq_of_row = torch.repeat_interleave(torch.arange(len(query_lens), device=device), lens)
+        seq_of_row = torch.repeat_interleave(torch.arange(len(query_lens), device=device), lens,
+                                             output_size=positions.shape[0])   # no GPU sync
         slots = padded[seq_of_row, positions // block_size] * block_size + positions % block_size
         last_rows = torch.cumsum(lens, 0) - 1
         decode_ids = [i for i, q in enumerate(query_lens) if q == 1]

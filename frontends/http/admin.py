@@ -113,7 +113,7 @@ def _key_args(body: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise InvalidInput(f"unknown field(s) {sorted(unknown)}; expected {sorted(_KEY_FIELDS)}",
                            code="unknown_parameter", param=sorted(unknown)[0])
-    if "name" not in body:
+    if body.get("name") is None:     # null too: it is dropped below, like every null
         raise InvalidInput("'name' is required", code="missing_parameter", param="name")
     args: dict[str, Any] = {
         k: body[k] for k in ("name", "scopes", "models", "rpm", "tpm", "max_concurrent",
@@ -182,7 +182,7 @@ def _log_filters(query: Any) -> dict[str, Any]:
     for name in ("status", "limit"):
         if name in query:
             raw = query[name]
-            if not raw.isdigit() or len(raw) > 6:
+            if not (raw.isascii() and raw.isdigit()) or len(raw) > 6:
                 raise InvalidInput(f"{name} must be a positive integer", param=name)
             out[name] = int(raw)
     for name in ("since", "until"):

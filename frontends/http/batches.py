@@ -227,7 +227,7 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.lstrip("-").isdigit() or not lo <= int(raw) <= hi:
+    if not (raw.isascii() and raw.lstrip("-").isdigit()) or not lo <= int(raw) <= hi:
         raise InvalidInput(f"{name} must be an integer in [{lo}, {hi}]", param=name)
     return int(raw)
 

@@ -23,7 +23,7 @@ def _version(request: web.Request) -> int | None:
     raw = request.match_info.get("version")
     if raw is None or raw == "":
         return None
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):     # "²".isdigit(), yet int("²") fails
         raise InvalidInput(f"version {raw!r} must be a positive integer", param="version")
     return int(raw)
 
@@ -67,8 +67,9 @@ async def model_metadata(request: web.Request) -> web.Response:
 @routes.get("/v2/models/{model}/ready")
 @routes.get(_VERSIONED + "/ready")
 async def model_ready(request: web.Request) -> web.Response:
+    version = _version(request)     # a malformed version is the client's 400, not "not ready"
     try:
-        request.app[DISPATCHER].resolve(request.match_info["model"], _version(request))
+        request.app[DISPATCHER].resolve(request.match_info["model"], version)
     except ModelNotFound:
         raise
     except FerryError:
@@ -155,9 +156,10 @@ async def shm_register(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object", code="invalid_json")
     key, offset, size = body.get("key"), body.get("offset", 0), body.get("byte_size")
-    if not isinstance(key, str) or not isinstance(offset, int) or not isinstance(size, int):
-        raise InvalidInput("'key' (string), 'offset' and 'byte_size' (integers) are required",
-                           code="shm_bad_region")
+    if not isinstance(key, str) or not isinstance(offset, int) or not isinstance(size, int) \
+            or max(abs(offset), abs(size)) >= 2**63:      # the control message's msgpack ints
+        raise InvalidInput("'key' (string), 'offset' and 'byte_size' (integers below 2**63) "
+                           "are required", code="shm_bad_region")
     await request.app[DISPATCHER].register_region(request.match_info["region"], key, offset, size)
     return web.json_response({})
 

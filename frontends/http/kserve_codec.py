@@ -25,6 +25,7 @@ KSERVE_TO_NUMPY = {
 }
 NUMPY_TO_KSERVE = {v: k for k, v in KSERVE_TO_NUMPY.items()}
 MAX_ELEMENTS = 1 << 31
+MAX_TENSORS = 1024            # daemon/protocol.py's bound on a message's tensor list
 
 
 @dataclass(slots=True)
@@ -49,6 +50,11 @@ def _bad(msg: str, code: str = "invalid_input", param: str | None = None) -> Inv
     return InvalidInput(msg, code=code, param=param)
 
 
+def _tensor_name(name: Any) -> bool:
+    """Within daemon/protocol.py's bounds: an engine cannot answer a message outside them."""
+    return isinstance(name, str) and 0 < len(name) < 256
+
+
 def _shape(name: str, raw: Any) -> tuple[int, ...]:
     if not isinstance(raw, list) or len(raw) > P.MAX_RANK or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
@@ -56,7 +62,8 @@ def _shape(name: str, raw: Any) -> tuple[int, ...]:
                    "invalid_shape", name)
     count = 1
     for d in raw:
-        count *= d
+        # Zeros skipped: [0, 2**70] holds no element, yet numpy cannot index it (a 500).
+        count *= max(d, 1)
     if count > MAX_ELEMENTS:
         raise _bad(f"input {name!r}: shape {raw} is too large", "invalid_shape", name)
     return tuple(raw)
@@ -85,11 +92,13 @@ def _shm_loc(name: str, params: dict, nbytes_needed: int | None) -> P.ShmLoc:
     region = params.get("shared_memory_region")
     size = params.get("shared_memory_byte_size")
     offset = params.get("shared_memory_offset", 0)
-    if not isinstance(region, str) or not isinstance(size, int) or not isinstance(offset, int) \
-            or size < 0 or offset < 0:
+    # The bounds are the wire protocol's (daemon/protocol.py): an engine cannot even tell
+    # which request a reference outside them belongs to, so it could never answer it.
+    if not isinstance(region, str) or not 0 < len(region) < 200 or not isinstance(size, int) \
+            or not isinstance(offset, int) or not 0 <= size < 2**63 or not 0 <= offset < 2**63:
         raise _bad(f"{name!r}: shared_memory_region, shared_memory_byte_size and "
-                   f"shared_memory_offset must be a string and non-negative integers",
-                   "shm_bad_reference", name)
+                   f"shared_memory_offset must be a name of 1-199 characters and integers in "
+                   f"[0, 2**63)", "shm_bad_reference", name)
     if nbytes_needed is not None and size != nbytes_needed:
         raise _bad(f"input {name!r}: shared_memory_byte_size {size} does not match the "
                    f"{nbytes_needed} bytes of its datatype and shape", "shm_bad_reference", name)
@@ -118,15 +127,15 @@ def parse_infer(body: bytes, header_length: str | None) -> ParsedInfer:
     if not isinstance(req, dict):
         raise _bad("request body must be a JSON object", "invalid_json")
     inputs = req.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise _bad("'inputs' must be a non-empty list", param="inputs")
+    if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_TENSORS:
+        raise _bad(f"'inputs' must be a list of 1 to {MAX_TENSORS} inputs", param="inputs")
     rparams = _params(req, "request")
     arrays: dict[str, np.ndarray] = {}
     region_refs: list[P.TensorRef] = []
     pos = 0
     for item in inputs:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise _bad("every input needs a string 'name'", param="inputs")
+        if not isinstance(item, dict) or not _tensor_name(item.get("name")):
+            raise _bad("every input needs a 'name' of 1-255 characters", param="inputs")
         name = item["name"]
         if name in arrays or any(r.name == name for r in region_refs):
             raise _bad(f"input {name!r} given twice", param=name)
@@ -179,12 +188,13 @@ def parse_infer(body: bytes, header_length: str | None) -> ParsedInfer:
 def _parse_outputs(raw: Any, binary_default: bool) -> list[OutputRequest] | None:
     if raw is None:
         return None
-    if not isinstance(raw, list):
-        raise _bad("'outputs' must be a list", param="outputs")
+    if not isinstance(raw, list) or len(raw) > MAX_TENSORS:
+        raise _bad(f"'outputs' must be a list of at most {MAX_TENSORS}", param="outputs")
     out = []
     for item in raw:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise _bad("every requested output needs a string 'name'", param="outputs")
+        if not isinstance(item, dict) or not _tensor_name(item.get("name")):
+            raise _bad("every requested output needs a 'name' of 1-255 characters",
+                       param="outputs")
         params = _params(item, f"output {item['name']!r}")
         binary = params.get("binary_data", binary_default)
         if not isinstance(binary, bool):

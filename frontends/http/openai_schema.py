@@ -274,7 +274,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
         role = m.get("role")
         if role is None:
             raise _bad(f"{where}.role", "is required", "missing_parameter")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:     # a list is unhashable
             if role in ("tool", "function"):
                 raise _bad(f"{where}.role", f"{role!r} messages are not supported (no tool "
                            "calling)", "unsupported_parameter")

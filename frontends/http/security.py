@@ -16,8 +16,9 @@ For every request, in this order:
 
 Route policies (scope needed; "open" needs none):
 
-    open   GET /healthz, /readyz, /v2/health/live|ready, /metrics, /v2 (server metadata):
-           probes and scrapers carry no keys; they expose states and counters, no data.
+    open   GET /healthz, /readyz, /v2/health/live|ready, /metrics, /v2 (server metadata),
+           /openapi.json: probes, scrapers and API tooling carry no keys; they expose states,
+           counters and the API's description, no data.
            POST /admin/login (its own per-address throttle).
     admin  /admin/* (always, even with auth.required = false), /v2/repository/*,
            /v2/systemsharedmemory/*, /v2/cudasharedmemory/* (mapping a segment by name is a
@@ -69,7 +70,7 @@ _PRINCIPAL = _request_key("ferry_principal", Principal)
 _CORS_ORIGIN = _request_key("ferry_cors_origin", str)
 _MODEL = _request_key("ferry_model", str)
 _OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
-                          "/metrics", "/v2"})
+                          "/metrics", "/v2", "/openapi.json"})
 _ADMIN_PREFIXES = ("/v2/repository", "/v2/systemsharedmemory", "/v2/cudasharedmemory")
 _NO_BODY_LOG = ("/admin", "/v1/batches")
 _CORS_METHODS = "GET, POST, DELETE, OPTIONS"

@@ -33,7 +33,8 @@ def create_app(dispatcher: Dispatcher, settings: FrontendSettings) -> web.Applic
     app.add_routes(kserve.routes)
     for extra in ("frontends.http.openai", "frontends.http.ws", "frontends.http.admin",
                   "frontends.http.vision", "frontends.http.metrics",
-                  "frontends.http.admin_models", "frontends.http.batches"):
+                  "frontends.http.admin_models", "frontends.http.batches",
+                  "frontends.http.openapi"):
         try:
             module = __import__(extra, fromlist=["setup"])
         except ModuleNotFoundError as exc:

@@ -40,7 +40,7 @@ def resolve_model(d: Dispatcher, model: str) -> tuple[str, int, dict[str, Any]]:
         name, version, _ = d.resolve(model)
     except ModelNotFound as exc:
         base, sep, ver = model.rpartition(":")
-        if not sep or not ver.isdigit():
+        if not sep or not (ver.isascii() and ver.isdigit()):     # int("²") fails
             raise ModelNotFound(exc.message, param="model") from None
         try:
             name, version, _ = d.resolve(base, int(ver))
