@@ -24,7 +24,7 @@ __all__ = [
     "Infer", "InferResult", "Generate", "Tokens", "Cancel", "Free", "ErrorReply",
     "RegisterRegion", "UnregisterRegion", "RegionReply", "Load", "Unload", "Loaded",
     "StatsQuery", "StatsReply", "Placement", "Control", "ControlReply", "EngineHello",
-    "encode", "decode", "tensor_nbytes",
+    "encode", "decode", "peek_id", "tensor_nbytes",
 ]
 
 PROTOCOL_VERSION = 1
@@ -418,3 +418,14 @@ def decode(frames: list[Any]) -> tuple[Message, list[Any]]:
         return cls(**kwargs), buffers
     except TypeError as exc:
         raise BadMessage(f"malformed message: {exc}") from None
+
+
+def peek_id(frames: list[Any]) -> str:
+    """Best effort: the `id` of a message that failed to decode, so its error reply still
+    reaches the request waiting for it instead of leaving it to time out."""
+    try:
+        header = msgpack.unpackb(frames[0], raw=False, strict_map_key=True)
+    except Exception:   # garbage: there is no id to find
+        return ""
+    rid = header.get("id") if isinstance(header, dict) else None
+    return rid if isinstance(rid, str) and len(rid) <= 256 else ""

@@ -140,6 +140,7 @@ class EngineHost:
             self.handlers[msg.TYPE](identity, msg, buffers)
         except FerryError as exc:
             self.counters["errors"] += 1
+            msg_id = msg_id or P.peek_id(frames)
             log.log(logging.WARNING if exc.status >= 500 else logging.INFO,
                     "request %s refused: %s", msg_id, exc.message,
                     extra={"request_id": request_id, "code": exc.code})

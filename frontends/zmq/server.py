@@ -104,6 +104,7 @@ class ZmqFrontend:
                 raise InvalidInput(f"message type {msg.TYPE!r} is not accepted here",
                                    code="bad_message")
         except FerryError as exc:
+            msg_id = msg_id or P.peek_id(frames)
             await self.send(identity, P.ErrorReply(msg_id, exc.status, exc.code, exc.message,
                                                    exc.param))
         except Exception as exc:

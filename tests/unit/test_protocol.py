@@ -282,3 +282,13 @@ def test_long_values_are_cut_in_error_messages():
     with pytest.raises(P.BadMessage) as err:
         P.decode([msgpack.packb(_set(P.Cancel("c"), t="t" * 100_000))])
     assert len(err.value.message) < 200
+
+
+def test_peek_id_finds_the_id_of_a_message_that_does_not_decode():
+    import msgpack
+    bad = msgpack.packb({"v": 1, "t": "infer", "id": "req-7", "inputs": "not a list"})
+    with pytest.raises(P.BadMessage):
+        P.decode([bad])
+    assert P.peek_id([bad]) == "req-7"
+    assert P.peek_id([b"\xc1 garbage"]) == ""
+    assert P.peek_id([msgpack.packb({"id": 5})]) == ""
