@@ -106,3 +106,37 @@ def copy_version(src: Path, repo: Path, name: str, version: int) -> Path:
     repository)."""
     files: dict[str, bytes | str] = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
     return write_version(repo, name, version, files)
+
+
+def slow_loop_repo(root: Path, iterations: int = 200, n: int = 128) -> Path:
+    """A repository with `slow`: y = x after `iterations` dependent n×n matmuls (~20 ms here,
+    a few ms on fast hardware: the loop is sequential however many cores), one request at a
+    time (max_batch_size 0), so a batch of them takes a while on any machine."""
+    vi = helper.make_tensor_value_info
+    w = numpy_helper.from_array(np.full((n, n), 1.0 / n, np.float32), "w")
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c"], ["c_out"]),
+         helper.make_node("MatMul", ["a", "w"], ["a_out"])], "body",
+        [vi("i", TensorProto.INT64, []), vi("c", TensorProto.BOOL, []),
+         vi("a", TensorProto.FLOAT, [n, n])],
+        [vi("c_out", TensorProto.BOOL, []), vi("a_out", TensorProto.FLOAT, [n, n])], [w])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Expand", ["s", "shape"], ["a0"]),   # input-dependent: no folding
+             helper.make_node("Loop", ["trip", "cond", "a0"], ["a_last"], body=body),
+             helper.make_node("ReduceMean", ["a_last"], ["m"], keepdims=0),
+             helper.make_node("Mul", ["m", "zero"], ["z"]),
+             helper.make_node("Add", ["x", "z"], ["y"])]
+    inits = [numpy_helper.from_array(np.array([n, n], np.int64), "shape"),
+             numpy_helper.from_array(np.array(iterations, np.int64), "trip"),
+             numpy_helper.from_array(np.array(True), "cond"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+    graph = helper.make_graph(nodes, "slow", [vi("x", TensorProto.FLOAT, [1, 4])],
+                              [vi("y", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    vdir = root / "slow" / "1"
+    vdir.mkdir(parents=True)
+    onnx.save(model, vdir / "model.onnx")
+    (vdir / "model.toml").write_text('engine = "onnx"\nweights = "model.onnx"\n'
+                                     'max_batch_size = 0\n')
+    return root

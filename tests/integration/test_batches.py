@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from daemon.state.batches import verify_signature
+from tests.integration.lifecycle_models import slow_loop_repo
 from tests.integration.conftest import tensor_repo
 from tests.integration.daemon_proc import free_port, orphan_segments, wait_until
 from tests.integration.secure_daemon import SecureDaemon, call, error_code
@@ -86,41 +87,6 @@ def _digits(n: int) -> tuple[np.ndarray, list[dict]]:
     return x, items
 
 
-def _slow_repo(root: Path, iterations: int = 200, n: int = 128) -> Path:
-    """A repository with `slow`: y = x after `iterations` dependent n×n matmuls (~20 ms here,
-    a few ms on fast hardware: the loop is sequential however many cores), one request at a
-    time (max_batch_size 0), so a batch of them takes a while on any machine."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    vi = helper.make_tensor_value_info
-    w = numpy_helper.from_array(np.full((n, n), 1.0 / n, np.float32), "w")
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["c"], ["c_out"]),
-         helper.make_node("MatMul", ["a", "w"], ["a_out"])], "body",
-        [vi("i", TensorProto.INT64, []), vi("c", TensorProto.BOOL, []),
-         vi("a", TensorProto.FLOAT, [n, n])],
-        [vi("c_out", TensorProto.BOOL, []), vi("a_out", TensorProto.FLOAT, [n, n])], [w])
-    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
-             helper.make_node("Expand", ["s", "shape"], ["a0"]),   # input-dependent: no folding
-             helper.make_node("Loop", ["trip", "cond", "a0"], ["a_last"], body=body),
-             helper.make_node("ReduceMean", ["a_last"], ["m"], keepdims=0),
-             helper.make_node("Mul", ["m", "zero"], ["z"]),
-             helper.make_node("Add", ["x", "z"], ["y"])]
-    inits = [numpy_helper.from_array(np.array([n, n], np.int64), "shape"),
-             numpy_helper.from_array(np.array(iterations, np.int64), "trip"),
-             numpy_helper.from_array(np.array(True), "cond"),
-             numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
-    graph = helper.make_graph(nodes, "slow", [vi("x", TensorProto.FLOAT, [1, 4])],
-                              [vi("y", TensorProto.FLOAT, [1, 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    vdir = root / "slow" / "1"
-    vdir.mkdir(parents=True)
-    onnx.save(model, vdir / "model.onnx")
-    (vdir / "model.toml").write_text('engine = "onnx"\nweights = "model.onnx"\n'
-                                     'max_batch_size = 0\n')
-    return root
 
 
 def _seed(d: SecureDaemon) -> dict[str, str]:
@@ -151,7 +117,7 @@ def _delivered(d: SecureDaemon, job_id: str) -> bool:
 @pytest.fixture(scope="module")
 def ferry(demo_models, tmp_path_factory):
     repo = tensor_repo(demo_models, tmp_path_factory, ("digits", "smollm2"))
-    _slow_repo(repo)   # `slow` too, so a cancel reliably lands while items are pending
+    slow_loop_repo(repo)   # `slow` too, so a cancel reliably lands while items are pending
     d = SecureDaemon(repo, workers=2, extra_config="[auth]\nrequired = true\n")
     d.keys = _seed(d)
     d.start(timeout_s=180)
@@ -294,7 +260,7 @@ def test_cancel_stops_pending_items(ferry):
 
 
 def test_interrupted_batch_finishes_after_restart_and_webhook_arrives_once(tmp_path):
-    d = SecureDaemon(_slow_repo(tmp_path / "repo"), workers=2,
+    d = SecureDaemon(slow_loop_repo(tmp_path / "repo"), workers=2,
                      extra_config="[auth]\nrequired = true\n")
     keys = _seed(d)
     d.state(lambda st: st.users.create("root", "a long enough password"))

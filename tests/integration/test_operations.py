@@ -18,6 +18,7 @@ import aiohttp
 import numpy as np
 import pytest
 
+from tests.integration.lifecycle_models import slow_loop_repo
 from tests.integration.daemon_proc import Daemon, free_port, http_get, orphan_segments, \
     wait_until
 
@@ -250,41 +251,6 @@ def test_sighup_applies_config_and_models_with_no_failed_request(notified):
 
 # -- SIGTERM drains ---------------------------------------------------------------------------
 
-def _slow_repo(root: Path, iterations: int = 150) -> Path:
-    """`slow`: y = x, after `iterations` 256×256 MatMuls in an ONNX Loop (tens of ms on a
-    core); no batch dimension, so every request runs alone and the rest queue behind it."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-    n = 256
-    vi = helper.make_tensor_value_info
-    w = numpy_helper.from_array(np.full((n, n), 1.0 / n, np.float32), "w")
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["c"], ["c_out"]),
-         helper.make_node("MatMul", ["a", "w"], ["a_out"])], "body",
-        [vi("i", TensorProto.INT64, []), vi("c", TensorProto.BOOL, []),
-         vi("a", TensorProto.FLOAT, [n, n])],
-        [vi("c_out", TensorProto.BOOL, []), vi("a_out", TensorProto.FLOAT, [n, n])], [w])
-    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
-             # the loop's start depends on the input, so ORT cannot fold it away at load
-             helper.make_node("Expand", ["s", "shape"], ["a0"]),
-             helper.make_node("Loop", ["trip", "cond", "a0"], ["a_last"], body=body),
-             helper.make_node("ReduceMean", ["a_last"], ["m"], keepdims=0),
-             helper.make_node("Mul", ["m", "zero"], ["z"]),
-             helper.make_node("Add", ["x", "z"], ["y"])]
-    inits = [numpy_helper.from_array(np.array([n, n], np.int64), "shape"),
-             numpy_helper.from_array(np.array(iterations, np.int64), "trip"),
-             numpy_helper.from_array(np.array(True), "cond"),
-             numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
-    graph = helper.make_graph(nodes, "slow", [vi("x", TensorProto.FLOAT, [1, 4])],
-                              [vi("y", TensorProto.FLOAT, [1, 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    vdir = root / "slow" / "1"
-    vdir.mkdir(parents=True)
-    onnx.save(model, vdir / "model.onnx")
-    (vdir / "model.toml").write_text('engine = "onnx"\nweights = "model.onnx"\n'
-                                     'max_batch_size = 0\n')
-    return root
 
 
 def _in_flight(url: str) -> float:
@@ -331,7 +297,8 @@ def _drain(d: Daemon, listener: NotifyListener, send_all, n: int = 50,
 
 def test_sigterm_drains_requests_in_flight(tmp_path):
     listener = NotifyListener()
-    d = Daemon(_slow_repo(tmp_path / "repo"), workers=2, env=listener.env())
+    d = Daemon(slow_loop_repo(tmp_path / "repo", iterations=150, n=256), workers=2,
+               env=listener.env())
     try:
         d.start()
 
