@@ -319,6 +319,10 @@ class Supervisor:
             return False
         self.models[(name, version)] = mv
         mv.engines, mv.info = targets, replies[0].info  # type: ignore[attr-defined]
+        measured = (mv.info or {}).get("extra", {}).get("memory_bytes")
+        if isinstance(measured, int) and measured > 0:   # what the engine holds beats a guess
+            for eid in targets:
+                self._ledger(eid).reserved[f"{name}:{version}"] = measured
         mv.state = "ready"
         log.info("model %s v%d ready on %s", name, version, ",".join(targets))
         self.publish()

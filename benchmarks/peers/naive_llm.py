@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.gguf)
+    model = load_model(args.gguf, weights="auto")      # the same kernels as the engine
     tok = Tokenizer.from_gguf(args.gguf)
     app = App(NaiveGenerator(model, args.max_context), tok, "smollm2")
     web_app = web.Application()

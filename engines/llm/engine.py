@@ -25,6 +25,7 @@ from engines.llm.block_pool import BlockPool
 from engines.llm.config import LlamaConfig, ModelLoadFailed
 from engines.llm.kv_cache import PagedKVCache
 from engines.llm.model import ForwardBatch, LlamaModel, load_model
+from engines.llm.quant import WEIGHT_FORMATS
 from engines.llm.sampling import Sampler, SamplingParams
 from engines.llm.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from engines.llm.sequence import Sequence
@@ -47,6 +48,7 @@ class LLMOptions:
     max_batched_tokens: int = 512
     num_threads: int = 0                 # 0: leave torch's default
     dtype: str | None = None             # None: the loader's default for the device
+    weight_format: str = "auto"          # auto | float | int8 (engines.llm.quant)
 
     @classmethod
     def from_section(cls, section: dict[str, Any]) -> LLMOptions:
@@ -65,6 +67,9 @@ class LLMOptions:
                               "sequence can decode in each step")
         if opts.dtype is not None and opts.dtype not in _DTYPES:
             raise _bad_option("dtype", f"must be one of {sorted(_DTYPES)}, got {opts.dtype!r}")
+        if opts.weight_format not in WEIGHT_FORMATS:
+            raise _bad_option("weight_format", f"must be one of {list(WEIGHT_FORMATS)}, "
+                              f"got {opts.weight_format!r}")
         return opts
 
 
@@ -112,7 +117,8 @@ class LLMEngine(Engine):
         path = find_weights(spec)
         try:
             model = load_model(path, device=device,
-                               dtype=_DTYPES[opts.dtype] if opts.dtype else None)
+                               dtype=_DTYPES[opts.dtype] if opts.dtype else None,
+                               weights=opts.weight_format)
         except FerryError:
             raise
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -130,7 +136,10 @@ class LLMEngine(Engine):
             max_batch_size=opts.max_num_seqs,
             extra={"context_length": self.max_context, "vocab_size": cfg.vocab_size,
                    "eos_ids": list(cfg.eos_ids), "bos_id": cfg.bos_id,
-                   "block_size": opts.block_size, "kv_blocks": self.pool.num_blocks})
+                   "block_size": opts.block_size, "kv_blocks": self.pool.num_blocks,
+                   "weight_format": model.weight_format,
+                   "memory_bytes": model.weight_bytes() + self.pool.num_blocks
+                   * PagedKVCache.bytes_per_block(cfg, opts.block_size, model.dtype)})
 
     def start(self, model: LlamaModel, opts: LLMOptions, model_key: str = "") -> None:
         """Serve an already built model (load() and tests both come through here)."""

@@ -22,6 +22,7 @@ from torch import nn
 
 from engines.llm.config import LlamaConfig, ModelLoadFailed
 from engines.llm.kv_cache import AttentionMetadata, DecodeGroup, PagedKVCache, PrefillSeq
+from engines.llm.quant import Int8Weight, linear, resolve_weight_format
 
 __all__ = ["ForwardBatch", "LlamaModel", "load_model", "random_model"]
 
@@ -109,7 +110,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: Paged
     return out.view(t, h * d)
 
 
+_MATRICES = ("qkv", "o_proj", "gate_up", "down")
+
+
 class DecoderLayer(nn.Module):
+    qkv: torch.Tensor | Int8Weight
+    o_proj: torch.Tensor | Int8Weight
+    gate_up: torch.Tensor | Int8Weight
+    down: torch.Tensor | Int8Weight
+
     def __init__(self, cfg: LlamaConfig, index: int, device: torch.device | str,
                  dtype: torch.dtype) -> None:
         super().__init__()
@@ -128,25 +137,34 @@ class DecoderLayer(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         cfg, t = self.cfg, h.shape[0]
         n_q, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        qkv = F.linear(rms_norm(h, self.attn_norm, cfg.rms_eps), self.qkv, self.qkv_bias)
+        qkv = linear(rms_norm(h, self.attn_norm, cfg.rms_eps), self.qkv, self.qkv_bias)
         # Q and K heads rotate together: one RoPE over [T, H + KV, D].
         qk = apply_rope(qkv[:, :cfg.q_size + cfg.kv_size].view(t, n_q + n_kv, d), cos, sin)
         q, k = qk[:, :n_q], qk[:, n_q:]
         v = qkv[:, cfg.q_size + cfg.kv_size:].view(t, n_kv, d)
         kv.write(self.index, k, v, meta.slots)
-        h = h + F.linear(paged_attention(q, k, v, kv, self.index, meta, self.scale), self.o_proj)
-        gate, up = F.linear(rms_norm(h, self.ffn_norm, cfg.rms_eps), self.gate_up).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, self.down)
+        h = h + linear(paged_attention(q, k, v, kv, self.index, meta, self.scale), self.o_proj)
+        gate, up = linear(rms_norm(h, self.ffn_norm, cfg.rms_eps), self.gate_up).chunk(2, dim=-1)
+        return h + linear(F.silu(gate) * up, self.down)
+
+    def quantize_int8(self) -> None:
+        for name in _MATRICES:
+            weight = Int8Weight(getattr(self, name))
+            delattr(self, name)                 # drop the float32 Parameter before replacing it
+            setattr(self, name, weight)
 
 
 class LlamaModel(nn.Module):
     inv_freq: torch.Tensor
+    embed: torch.Tensor | Int8Weight
+    lm_head: torch.Tensor | Int8Weight
 
     def __init__(self, cfg: LlamaConfig, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.cfg = cfg.validate()
         self.dtype = dtype
+        self.weight_format = "float"
         self.embed = _param(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, device, dtype)
                                     for i in range(cfg.num_layers))
@@ -157,7 +175,7 @@ class LlamaModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.device
+        return self.norm.device
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: PagedKVCache) -> torch.Tensor:
@@ -167,27 +185,69 @@ class LlamaModel(nn.Module):
         positions = batch.positions.to(self.device, non_blocking=True)  # no-op when already there
         meta = AttentionMetadata.build(positions, batch.query_lens, batch.context_lens,
                                        batch.block_tables, kv.block_size)
-        h = F.embedding(batch.token_ids.to(self.device, non_blocking=True), self.embed)  # [T, E]
+        h = self._embed(batch.token_ids.to(self.device, non_blocking=True))   # [T, E]
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, kv, meta)
         last = rms_norm(h[meta.last_rows], self.norm, self.cfg.rms_eps)   # [B, E]
         return self._lm_head(last).float()                              # [B, V]
 
+    def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embed, Int8Weight):
+            return self.embed.rows(token_ids).to(self.dtype)
+        return F.embedding(token_ids, self.embed)
+
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.lm_head, Int8Weight):
+            return self.lm_head(x)
         if x.device.type == "cpu" and x.dtype == torch.float32 and 1 < x.shape[0] <= 8:
             # With 2-8 rows MKL's fp32 GEMM repacks the whole [V, E] weight and runs 2-3x
             # slower than the transposed product, which streams the weight once.
             return torch.mm(self.lm_head, x.t()).t()
         return F.linear(x, self.lm_head)
 
+    def quantize_int8(self) -> None:
+        """Turn every matrix into an Int8Weight (engines.llm.quant), after loading. The LM head
+        keeps no bfloat16 copy: it only ever sees one row per sequence. A tied embedding table is
+        read back from the quantized head, so it is stored once."""
+        if self.weight_format == "int8":
+            return
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            raise ValueError("int8 weights are for float32 CPU models")
+        for layer in cast("list[DecoderLayer]", list(self.layers)):
+            layer.quantize_int8()
+        head = Int8Weight(cast(torch.Tensor, self.lm_head), keep_wide=False)
+        tied = self.lm_head is self.embed
+        del self.lm_head
+        self.lm_head = head
+        if tied:
+            del self.embed
+            self.embed = head
+        self.weight_format = "int8"
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights held, quantized copies included."""
+        seen: set[int] = set()
+        total = 0
+        for module in self.modules():
+            for value in list(module.__dict__.values()) + list(module._parameters.values()):
+                if isinstance(value, Int8Weight) and id(value) not in seen:
+                    seen.add(id(value))
+                    total += value.nbytes()
+                elif isinstance(value, torch.Tensor) and id(value) not in seen:
+                    seen.add(id(value))
+                    total += value.numel() * value.element_size()
+        return total
+
     def weight_targets(self) -> dict[str, torch.Tensor]:
         """Loader tensor name -> the view of a fused parameter it fills (HF layout, [out, in])."""
+        if self.weight_format != "float":
+            raise ValueError("weights are loaded before quantizing")
         cfg = self.cfg
         q, kv, i = cfg.q_size, cfg.kv_size, cfg.intermediate_size
-        targets = {"embed": self.embed.data, "norm": self.norm.data}
+        targets = {"embed": cast(torch.Tensor, self.embed).data, "norm": self.norm.data}
         if not cfg.tie_embeddings:
-            targets["lm_head"] = self.lm_head.data
+            targets["lm_head"] = cast(torch.Tensor, self.lm_head).data
         for n, layer in enumerate(cast("list[DecoderLayer]", list(self.layers))):
             p = f"layers.{n}."
             targets.update({
@@ -229,8 +289,10 @@ def _default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> LlamaModel:
-    """Load a .gguf file, or a directory with config.json + *.safetensors (HF Llama layout)."""
+def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+               weights: str = "float") -> LlamaModel:
+    """Load a .gguf file, or a directory with config.json + *.safetensors (HF Llama layout).
+    `weights`: 'float' keeps `dtype`; 'int8' / 'auto' see engines.llm.quant."""
     from engines.llm import gguf_loader, safetensors_loader
 
     path = Path(path)
@@ -246,8 +308,13 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None 
     dtype = dtype or _default_dtype(device)
     model = LlamaModel(cfg, device=device, dtype=dtype).eval()
     model.load_weights(tensors, str(path))
-    log.info("loaded %s (%s, %d layers, %s on %s) in %.2f s", path.name, cfg.arch,
-             cfg.num_layers, dtype, device, time.monotonic() - started)
+    if dtype == torch.float32 and resolve_weight_format(weights, device) == "int8":
+        model.quantize_int8()
+    elif weights == "int8":
+        raise ModelLoadFailed(f"int8 weights need dtype float32 on a CPU, not {dtype} on {device}")
+    log.info("loaded %s (%s, %d layers, %s, %s weights, %.0f MB, on %s) in %.2f s", path.name,
+             cfg.arch, cfg.num_layers, dtype, model.weight_format, model.weight_bytes() / 2**20,
+             device, time.monotonic() - started)
     return model
 
 

@@ -1,0 +1,108 @@
+"""Weight-only int8 matrices for the CPU decoder.
+
+A decode step of a small model on a CPU is bound by reading the weights: SmolLM2-135M moves
+~540 MB per step in float32. Stored as int8 with one scale per output row it moves ~135 MB, and
+torch's `_weight_int8pack_mm` (bfloat16 activations, AVX512-BF16 kernels) runs a 1-row product
+about 3x faster than the float32 GEMV on the 2-core EPYC of benchmarks/RESULTS.md, and the
+[49152, 576] LM head about 10x faster.
+
+That kernel does not scale with rows (it is a GEMV per row): from ~16 rows a bfloat16 GEMM
+through oneDNN wins, ~3x at 256 rows. So each matrix keeps a bfloat16 copy for wide steps
+(prefill chunks, big decode batches). The copy is dequantized FROM the int8 values, so both
+paths multiply by the same effective weights and a sequence's tokens do not depend on which
+path its step took beyond bfloat16 accumulation order.
+
+Activations stay float32 between matrices (residual stream, norms, RoPE, attention, KV cache);
+only the products run in bfloat16.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Int8Weight", "WEIGHT_FORMATS", "cpu_has_fast_bf16", "int8_available", "linear",
+           "resolve_weight_format"]
+
+WEIGHT_FORMATS = ("auto", "float", "int8")
+NARROW_ROWS = 8          # up to this many rows the int8 GEMV beats the bfloat16 GEMM (measured)
+
+
+class Int8Weight:
+    """An [out, in] matrix as int8 rows with bfloat16 scales, plus an optional bfloat16 copy."""
+
+    __slots__ = ("q", "scale", "wide")
+
+    def __init__(self, weight: torch.Tensor, keep_wide: bool = True) -> None:
+        w = weight.detach().float()                                      # [O, I]
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)           # [O]
+        self.scale = scale.to(torch.bfloat16)
+        # Quantize against the bfloat16-rounded scale: that is the scale the kernel multiplies by.
+        self.q = torch.round(w / self.scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        self.wide = self.dequantize().to(torch.bfloat16) if keep_wide else None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale.float()[:, None]             # [O, I] float32
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Selected rows as float32: an embedding lookup from a tied, quantized table."""
+        return self.q[index].float() * self.scale[index].float()[:, None]
+
+    def nbytes(self) -> int:
+        wide = self.wide.numel() * 2 if self.wide is not None else 0
+        return self.q.numel() + self.scale.numel() * 2 + wide
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)                                        # [T, I]
+        if x.shape[0] <= NARROW_ROWS or self.wide is None:
+            y = torch._weight_int8pack_mm(xb, self.q, self.scale)        # [T, O]
+        else:
+            y = F.linear(xb, self.wide)
+        return y.to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear over either weight format."""
+    if isinstance(weight, Int8Weight):
+        y = weight(x)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). Elsewhere oneDNN
+    emulates it and int8 weights would run slower than float32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def int8_available() -> bool:
+    return hasattr(torch, "_weight_int8pack_mm")
+
+
+def resolve_weight_format(requested: str, device: str | torch.device) -> str:
+    """'auto' -> 'int8' on a CPU with fast bfloat16, else 'float'. int8 is a CPU format: GPUs
+    keep bfloat16 weights, which their tensor cores read at full bandwidth."""
+    if requested not in WEIGHT_FORMATS:
+        raise ValueError(f"weight format must be one of {WEIGHT_FORMATS}, got {requested!r}")
+    on_cpu = torch.device(device).type == "cpu"
+    if requested == "auto":
+        return "int8" if on_cpu and int8_available() and cpu_has_fast_bf16() else "float"
+    if requested == "int8" and not (on_cpu and int8_available()):
+        raise ValueError("int8 weights need a CPU engine and torch._weight_int8pack_mm")
+    return requested
