@@ -15,9 +15,11 @@ a `Principal` or an Unauthorized/Forbidden error with a stable code. Order of ch
 someone who does not hold the key. Scopes are independent: `admin` does not imply `infer`.
 
 Caching: key and user records are cached per process for `cache_ttl_s` (2 s), so the hot path
-costs a dict lookup, a SHA-256 and a compare. A revocation, rotation or password change made
-in another process therefore takes effect here within 2 s; in this process at once if the
-admin route calls `invalidate`. Expiry is checked against the clock on every request.
+costs a dict lookup, a SHA-256 and a compare. The stores bump a host-wide ChangeCounter
+(daemon.state.changes) after every change to keys or users, from any process, the CLI
+included; each request reads it (~1 µs) and a moved counter empties the caches, so a
+revocation, rotation or password change applies to the next request everywhere. The TTL is
+the backstop for edits made behind the stores' back. Expiry is checked on every request.
 A client address of None means a local transport (Unix socket), which file permissions already
 guard; it passes the IP allow-lists.
 """
@@ -33,6 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from daemon.errors import Forbidden, Unauthorized
+from daemon.state.changes import ChangeCounter
 from daemon.state.jwt_tokens import JwtIssuer
 from daemon.state.keys import SCOPES, ApiKey, KeyStore, hash_key, parse_key
 from daemon.state.ratelimit import RateLimits
@@ -135,6 +138,8 @@ class Authenticator:
         self._clock = clock
         self._key_cache = _TtlCache(cache_ttl_s, cache_entries, monotonic)
         self._user_cache = _TtlCache(cache_ttl_s, cache_entries, monotonic)
+        self._changes: ChangeCounter | None = getattr(keys, "changes", None)
+        self._seen_change = self._changes.value() if self._changes is not None else 0
 
     def invalidate(self, key_id: str | None = None) -> None:
         """Forget cached records (one key, or everything) after a change made here."""
@@ -142,10 +147,19 @@ class Authenticator:
         if key_id is None:
             self._user_cache.drop()
 
+    def _follow_changes(self) -> None:
+        if self._changes is None:
+            return
+        count = self._changes.value()
+        if count != self._seen_change or count < 0:
+            self._seen_change = count
+            self.invalidate()
+
     async def authenticate(self, credential: str | None, client_ip: str | None, scope: str,
                            model: str | None = None) -> Principal:
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}")
+        self._follow_changes()
         if not _ip_allowed(client_ip, self._allow):
             raise Forbidden(f"client address {client_ip} is not allowed", code="ip_not_allowed")
         if not credential:

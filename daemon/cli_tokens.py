@@ -1,5 +1,6 @@
 """`ferry tokens …` and `ferry users …`: API keys and admin users, written straight into the
-state database. The daemon need not be running; a running one sees changes within 2 s.
+state database. The daemon need not be running; a running one applies a change to its next
+request (daemon.state.changes).
 
     ferry tokens create --name N --scopes infer,admin [--models a,b] [--rpm N] [--tpm N]
                         [--max-concurrent N] [--expires 30d|ISO] [--allow-ip CIDR,...] [--json]

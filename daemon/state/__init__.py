@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from daemon.state.batches import BatchStore
+from daemon.state.changes import ChangeCounter
 from daemon.state.db import Database, connect
 from daemon.state.keys import KeyStore
 from daemon.state.requestlog import RequestLog
 from daemon.state.users import UserStore
 
-__all__ = ["State", "open_state", "run_with_state"]
+__all__ = ["State", "open_state", "run_with_state", "CREDENTIALS_COUNTER"]
+
+CREDENTIALS_COUNTER = "credentials.changes"     # beside ferry.db (daemon.state.changes)
 
 T = TypeVar("T")
 
@@ -43,6 +46,8 @@ class State:
         try:
             await self.requests.close()
         finally:
+            if self.keys.changes is not None:
+                self.keys.changes.close()
             await self.db.close()
 
 
@@ -58,7 +63,9 @@ async def open_state(state_dir: Path, *, reset: bool = False, store_bodies: bool
     requests = RequestLog(db, store_bodies=store_bodies, max_age_s=log_max_age_s,
                           max_rows=log_max_rows)
     requests.start()
-    return State(db.path, db, KeyStore(db), UserStore(db), requests, BatchStore(db))
+    changes = ChangeCounter(db.path.with_name(CREDENTIALS_COUNTER))
+    return State(db.path, db, KeyStore(db, changes=changes), UserStore(db, changes=changes),
+                 requests, BatchStore(db))
 
 
 def run_with_state(state_dir: Path, fn: Callable[[State], Awaitable[T]], **kw: Any) -> T:

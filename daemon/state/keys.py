@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import aiosqlite
 
 from daemon.errors import FerryError, InvalidInput
+from daemon.state.changes import ChangeCounter
 from daemon.state.db import Database
 from daemon.state.ratelimit import RateLimits
 
@@ -173,9 +174,15 @@ def _new_secret(key_id: str) -> tuple[str, str]:
 class KeyStore:
     """API keys in the state database. Lookups are uncached; `daemon.auth` caches them."""
 
-    def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, db: Database, *, clock: Callable[[], float] = time.time,
+                 changes: ChangeCounter | None = None) -> None:
         self._db = db
         self._clock = clock
+        self.changes = changes
+
+    def _changed(self) -> None:
+        if self.changes is not None:
+            self.changes.bump()
 
     async def create(self, name: str, *, scopes: Iterable[str] | str = ("infer",),
                      models: Iterable[str] | None = None, rpm: int | None = None,
@@ -198,6 +205,7 @@ class KeyStore:
                 (key_id, name, prefix, hash_key(plaintext), json.dumps(sorted(scope_set)),
                  json.dumps(list(model_list)) if model_list is not None else None,
                  limits.rpm, limits.tpm, limits.max_concurrent, expiry, json.dumps(cidrs), now))
+        self._changed()             # another process may have cached "no such key"
         log.info("api key %s created (name=%r, scopes=%s)", key_id, name, sorted(scope_set))
         key = ApiKey(key_id, name, prefix, scope_set, model_list, limits, expiry, cidrs, now)
         return CreatedKey(key, plaintext)
@@ -220,13 +228,14 @@ class KeyStore:
         return [_row_to_key(r) for r in await self._db.fetchall(sql + " ORDER BY created_at")]
 
     async def revoke(self, key_id: str) -> ApiKey:
-        """Revoke a key (idempotent). Processes that cached it notice within their cache TTL."""
+        """Revoke a key (idempotent). Every process sees it on its next request (ChangeCounter)."""
         async with self._db.transaction() as conn:
             cur = await conn.execute(
                 "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
                 (self._clock(), key_id))
             if cur.rowcount == 0:
                 raise _not_found(key_id)
+        self._changed()
         log.info("api key %s revoked", key_id)
         return await self.get(key_id)
 
@@ -240,6 +249,7 @@ class KeyStore:
                 (hash_key(plaintext), prefix, self._clock(), key_id))
             if cur.rowcount == 0:
                 raise (await self._why_not_rotatable(conn, key_id))
+        self._changed()
         log.info("api key %s rotated", key_id)
         return CreatedKey(await self.get(key_id), plaintext)
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from daemon.errors import FerryError, InvalidInput
+from daemon.state.changes import ChangeCounter
 from daemon.state.db import Database
 
 __all__ = ["User", "UserStore", "hash_password", "verify_password", "SCRYPT_N", "SCRYPT_R",
@@ -101,9 +102,15 @@ def _row_to_user(row: sqlite3.Row) -> User:
 class UserStore:
     """Admin users in the state database. Hashing runs in a worker thread, off the loop."""
 
-    def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, db: Database, *, clock: Callable[[], float] = time.time,
+                 changes: ChangeCounter | None = None) -> None:
         self._db = db
         self._clock = clock
+        self.changes = changes
+
+    def _changed(self) -> None:
+        if self.changes is not None:
+            self.changes.bump()
 
     async def create(self, username: str, password: str) -> User:
         username, password = _username(username), _password(password)
@@ -117,6 +124,7 @@ class UserStore:
         except sqlite3.IntegrityError as exc:
             raise FerryError(f"user {username!r} already exists", code="user_exists",
                              status=409, param="username") from exc
+        self._changed()
         log.info("admin user %r created", username)
         return User(username, 1, now, now)
 
@@ -131,6 +139,7 @@ class UserStore:
                 (encoded, self._clock(), username))
             if cur.rowcount == 0:
                 raise _not_found(username)
+        self._changed()
         log.info("admin user %r changed password", username)
         return await self._get_or_raise(username)
 
@@ -158,6 +167,7 @@ class UserStore:
             cur = await conn.execute("DELETE FROM users WHERE username = ?", (username,))
             if cur.rowcount == 0:
                 raise _not_found(username)
+        self._changed()
         log.info("admin user %r deleted", username)
 
     async def _get_or_raise(self, username: str) -> User:

@@ -57,23 +57,47 @@ async def test_missing_and_invalid_credentials(tmp_path):
 
 
 @async_test
-async def test_revocation_takes_effect_within_cache_ttl(tmp_path):
+async def test_changes_made_by_another_process_apply_to_the_next_request(tmp_path):
+    """`worker` caches for an hour; `other` (another worker, or the CLI) changes the records.
+    The shared change counter, not the TTL, makes each change apply at once."""
+    worker, other = await open_state(tmp_path), await open_state(tmp_path)
+    try:
+        secret = load_secret(tmp_path)
+        issuer = JwtIssuer(secret)
+        auth = Authenticator(worker.keys, jwt=issuer, users=worker.users, cache_ttl_s=3600)
+        revoked, rotated = await other.keys.create("r"), await other.keys.create("o")
+        for key in (revoked, rotated):
+            await auth.authenticate(key.plaintext, None, "infer")           # now cached
+        await other.keys.revoke(revoked.key.id)
+        assert await refused(auth, revoked.plaintext) == "key_revoked"
+        new = await other.keys.rotate(rotated.key.id)
+        assert await refused(auth, rotated.plaintext) == "invalid_api_key"
+        assert (await auth.authenticate(new.plaintext, None, "infer")).id == rotated.key.id
+
+        user = await other.users.create("bob", "first-password")
+        token = issuer.issue("user:bob", ["admin"], token_version=user.token_version)
+        await auth.authenticate(token, None, "admin")
+        await other.users.set_password("bob", "second-password")
+        assert await refused(auth, token, scope="admin") == "invalid_token"
+    finally:
+        await worker.close()
+        await other.close()
+
+
+@async_test
+async def test_edits_behind_the_stores_back_apply_within_the_cache_ttl(tmp_path):
     state = await open_state(tmp_path)
     try:
         mono = Clock(1000.0)
         auth = Authenticator(state.keys, monotonic=mono, cache_ttl_s=2.0)
         created = await state.keys.create("k")
         await auth.authenticate(created.plaintext, None, "infer")
-        await state.keys.revoke(created.key.id)          # as another process would
+        async with state.db.transaction() as conn:        # not through KeyStore: no signal
+            await conn.execute("UPDATE api_keys SET revoked_at = 1 WHERE id = ?",
+                               (created.key.id,))
         await auth.authenticate(created.plaintext, None, "infer")  # cached: still accepted
         mono.t += 2.01
         assert await refused(auth, created.plaintext) == "key_revoked"
-        # In the process that revoked, invalidate() makes it immediate.
-        other = await state.keys.create("k2")
-        await auth.authenticate(other.plaintext, None, "infer")
-        await state.keys.revoke(other.key.id)
-        auth.invalidate(other.key.id)
-        assert await refused(auth, other.plaintext) == "key_revoked"
     finally:
         await state.close()
 
