@@ -1,13 +1,14 @@
-"""Typed application state shared by the HTTP route modules."""
+"""Typed application and request state shared by the HTTP route modules."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 from frontends.dispatch import Dispatcher
 
-__all__ = ["FrontendSettings", "DISPATCHER", "SETTINGS"]
+__all__ = ["FrontendSettings", "DISPATCHER", "SETTINGS", "request_key"]
 
 
 @dataclass(slots=True)
@@ -20,3 +21,10 @@ class FrontendSettings:
 
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 SETTINGS = web.AppKey("settings", FrontendSettings)
+
+
+def request_key(name: str, kind: type) -> Any:
+    """A typed request-storage key where aiohttp has them (3.12+; plain strings there warn),
+    else the name."""
+    factory = getattr(web, "RequestKey", None)
+    return factory(name, kind) if factory is not None else name

@@ -21,11 +21,12 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from daemon.errors import FerryError, RateLimited
+from frontends.http.appkeys import request_key
 
 __all__ = ["REQUEST_ID", "error_body", "error_response", "error_middleware", "request_id_of"]
 
 log = logging.getLogger(__name__)
-REQUEST_ID = "ferry_request_id"
+REQUEST_ID = request_key("ferry_request_id", str)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 413: "invalid_request_error", 415: "invalid_request_error",
           429: "rate_limit_error", 499: "cancelled", 503: "service_unavailable",

@@ -32,8 +32,9 @@ from frontends.http.errors import error_body, request_id_of
 from frontends.http.openai_schema import (GenParams, parse_chat, parse_completion,
                                           parse_embeddings)
 from frontends.http.sse import SSEResponse, until_disconnect
-from frontends.http.textgen import (TEXTS, Generation, Piece, TextModel, encode_prompts,
-                                    install, model_toml, resolve_model)
+from frontends.http.security import principal_of
+from frontends.http.textgen import (TEXTS, USAGE, Generation, Piece, TextModel,
+                                    encode_prompts, install, model_toml, resolve_model)
 
 __all__ = ["routes", "setup", "read_json", "SYSTEM_FINGERPRINT"]
 
@@ -78,9 +79,13 @@ def _model_card(name: str, version: str, entry: dict[str, Any]) -> dict[str, Any
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
+    """Ready models, latest version each; a key with a model allow-list sees only its models."""
     pl = request.app[DISPATCHER].placement
+    principal = principal_of(request)
     data = []
     for name, m in sorted((pl.models if pl is not None else {}).items()):
+        if principal is not None and not principal.may_use(name):
+            continue
         ready = [v for v, e in m.get("versions", {}).items() if e.get("state") == "ready"]
         if ready:
             latest = max(ready, key=int)
@@ -160,6 +165,7 @@ async def _serve(request: web.Request, tm: TextModel, prompts: list[list[int]],
                  echo: list[str]) -> web.StreamResponse:
     gen = await Generation.start(request.app[DISPATCHER], tm, prompts, params,
                                  request_id=request_id_of(request), prompt_param=prompt_param)
+    request[USAGE] = gen.usage      # counts as tokens arrive; charged to the key at the end
     head = {"id": shape.prefix + uuid.uuid4().hex, "object": shape.object,
             "created": int(time.time()), "model": tm.name,
             "system_fingerprint": SYSTEM_FINGERPRINT}

@@ -9,8 +9,8 @@ For every request, in this order:
    route names a model, the key's model allow-list. 401/403 with stable codes (daemon.auth).
 4. Rate limits: a concurrency slot and a request from the key's buckets, or 429 with
    `Retry-After`; every response to a limited key carries `X-RateLimit-Limit/Remaining/Reset`.
-5. The handler. Then tokens reported in a JSON `usage` are charged to the key's
-   tokens-per-minute, and one request-log row is appended (request id, key, model, route,
+5. The handler. Then the tokens it used (prompt plus completion, streamed or not, and per
+   WebSocket request) are charged to the key's tokens-per-minute, and one request-log row is appended (request id, key, model, route,
    status, code, total time, token counts; the body only with `logging.log_bodies`, and never
    for /admin or /v1/batches, whose bodies carry passwords and webhook secrets).
 
@@ -35,7 +35,6 @@ The client address is the TCP peer: `X-Forwarded-For` is not trusted.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -47,8 +46,9 @@ from aiohttp import web
 from daemon.auth import Principal, credential_from_headers
 from daemon.errors import FerryError, Forbidden, RateLimited, Unauthorized
 from frontends.access import Access, AccessSettings, Admission
-from frontends.http.appkeys import DISPATCHER, SETTINGS
+from frontends.http.appkeys import DISPATCHER, SETTINGS, request_key
 from frontends.http.errors import error_body, error_response, request_id_of
+from frontends.http.textgen import USAGE
 
 __all__ = ["ACCESS", "Policy", "policy_for", "install", "security_middleware",
            "authorize_model", "authenticate_ws", "admit_ws", "principal_of", "client_ip"]
@@ -59,16 +59,10 @@ ACCESS = web.AppKey("access", Access)
 _CORS: web.AppKey[frozenset[str]] = web.AppKey("cors_origins", frozenset)
 
 
-def _request_key(name: str, kind: type) -> Any:
-    """A typed request-storage key where aiohttp has them (recent 3.x), else the name."""
-    factory = getattr(web, "RequestKey", None)
-    return factory(name, kind) if factory is not None else name
-
-
-_ADMISSION = _request_key("ferry_admission", Admission)
-_PRINCIPAL = _request_key("ferry_principal", Principal)
-_CORS_ORIGIN = _request_key("ferry_cors_origin", str)
-_MODEL = _request_key("ferry_model", str)
+_ADMISSION = request_key("ferry_admission", Admission)
+_PRINCIPAL = request_key("ferry_principal", Principal)
+_CORS_ORIGIN = request_key("ferry_cors_origin", str)
+_MODEL = request_key("ferry_model", str)
 _OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
                           "/metrics", "/v2", "/openapi.json"})
 _ADMIN_PREFIXES = ("/v2/repository", "/v2/systemsharedmemory", "/v2/cudasharedmemory")
@@ -175,12 +169,17 @@ async def authenticate_ws(request: web.Request, token: str | None) -> Principal:
 
 def admit_ws(request: web.Request, principal: Principal | None) -> Callable[[], None] | None:
     """ws.py's WS_ADMIT hook: each inference message counts as a request against the key's
-    limits (RateLimited otherwise); returns the release of its concurrency slot."""
+    limits (RateLimited otherwise); returns `done(tokens)`, which releases its concurrency slot
+    and charges the tokens it used to the key's tokens per minute."""
     if principal is None:
         return None
     access = _access(request)
     admission = access.admit(principal)
-    return functools.partial(access.release, admission)
+
+    def done(tokens: int = 0) -> None:
+        access.release(admission)
+        access.charge_tokens(principal, tokens)
+    return done
 
 
 # -- CORS ---------------------------------------------------------------------------------------
@@ -346,14 +345,10 @@ async def _loggable_body(request: web.Request, access: Access, policy: Policy) -
 
 
 def _record(request: web.Request, access: Access, out: _Outcome, started: float) -> None:
-    usage = (_usage(out.resp) if out.resp is not None and out.status < 400
-             and request.path.startswith("/v1/") else None)
     principal = principal_of(request)
-    prompt = completion = None
-    if usage is not None:
-        prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
-        if principal is not None:
-            access.charge_tokens(principal, (prompt or 0) + (completion or 0))
+    prompt, completion = _usage_of(request, out)
+    if principal is not None:
+        access.charge_tokens(principal, (prompt or 0) + (completion or 0))
     code = out.code
     if code is None and out.resp is not None and out.status >= 400:
         code = _error_code(out.resp)
@@ -363,6 +358,20 @@ def _record(request: web.Request, access: Access, out: _Outcome, started: float)
                   route=route, status=out.status, code=code,
                   total_ms=(time.monotonic() - started) * 1000.0, prompt_tokens=prompt,
                   completion_tokens=completion, body=out.body)
+
+
+def _usage_of(request: web.Request, out: _Outcome) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens: generation routes leave their live Usage on the request
+    (streams, and responses cut short by an error, spent tokens too); other /v1 routes report
+    `usage` in their JSON body (embeddings)."""
+    live = request.get(USAGE)
+    if live is not None:
+        return live.prompt_tokens, live.completion_tokens
+    usage = (_usage(out.resp) if out.resp is not None and out.status < 400
+             and request.path.startswith("/v1/") else None)
+    if usage is None:
+        return None, None
+    return _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
 
 
 def _int(value: Any) -> int | None:

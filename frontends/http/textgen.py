@@ -21,11 +21,12 @@ from aiohttp import web
 
 from daemon.errors import ContextLengthExceeded, FerryError, InvalidInput, ModelNotFound
 from frontends.dispatch import Dispatcher, Stream
-from frontends.http.appkeys import DISPATCHER
+from frontends.http.appkeys import DISPATCHER, request_key
 from frontends.http.openai_schema import GenParams
 
 __all__ = ["TextModel", "ModelTexts", "Piece", "Usage", "StopMatcher", "Choice",
-           "Generation", "TEXTS", "install", "encode_prompts", "model_toml", "resolve_model"]
+           "Generation", "TEXTS", "USAGE", "install", "encode_prompts", "model_toml",
+           "resolve_model"]
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,15 @@ class Usage:
                 "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+# The request's Usage, set by generation routes so that the security layer can charge a key's
+# tokens per minute for streamed responses too, whose usage is in no JSON body.
+USAGE = request_key("ferry_usage", Usage)
 
 
 class Choice:

@@ -28,8 +28,9 @@ the socket is accepted only after the hook returns a principal — for `token=No
 message) or for the token of an `auth` message; the hook raises `Unauthorized` to refuse. Without
 the hook, `auth` messages are acknowledged and ignored. A principal with `may_use(model)` (as
 daemon.auth.Principal has) is asked before each inference. `app[WS_ADMIT]`, when set, admits
-each inference message against the caller's rate limits — `(request, principal) -> release`
-(raising RateLimited) — and its `release()` runs when the request ends.
+each inference message against the caller's rate limits — `(request, principal) -> done`
+(raising RateLimited) — and `done(tokens)` runs when the request ends, with the prompt and
+completion tokens it used.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from daemon.errors import FerryError, Forbidden, InvalidInput, RateLimited, Unau
 from frontends.http.appkeys import DISPATCHER
 from frontends.http.errors import request_id_of
 from frontends.http.openai_schema import parse_chat, parse_completion, require_object
-from frontends.http.textgen import TEXTS, Generation, encode_prompts, install
+from frontends.http.textgen import TEXTS, Generation, Usage, encode_prompts, install
 
 __all__ = ["routes", "setup", "WS_AUTH", "WS_ADMIT", "Authenticator", "Admitter",
            "MAX_INFLIGHT"]
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 Authenticator = Callable[[web.Request, "str | None"], Awaitable[Any]]
-Admitter = Callable[[web.Request, Any], "Callable[[], None] | None"]
+Admitter = Callable[[web.Request, Any], "Callable[[int], None] | None"]
 WS_AUTH = web.AppKey("ws_authenticator", object)    # an Authenticator; absent: no auth
 WS_ADMIT = web.AppKey("ws_admitter", object)        # an Admitter; absent: no rate limits
 MAX_INFLIGHT = 64            # concurrent requests per socket
@@ -158,20 +159,22 @@ class _Session:
         if len(self.tasks) >= MAX_INFLIGHT:
             raise RateLimited(f"at most {MAX_INFLIGHT} requests may be in flight on one socket")
         release = self.admit(self.request, self.principal) if self.admit is not None else None
-        task = asyncio.create_task(self.run(rid, msg))
+        spent: list[Usage] = []            # run() puts the request's Usage here once started
+        task = asyncio.create_task(self.run(rid, msg, spent))
         if release is not None:
             # A done callback runs even for a task cancelled before it started (a socket
             # closed at once), where a `finally` in run() would never execute.
-            task.add_done_callback(lambda _task: release())
+            task.add_done_callback(lambda _task: release(sum(u.total for u in spent)))
         self.tasks[rid] = task
 
-    async def run(self, rid: Any, msg: dict[str, Any]) -> None:
+    async def run(self, rid: Any, msg: dict[str, Any], spent: list[Usage]) -> None:
         texts: list[list[str]] = []
         finish: list[str | None] = []
         name, usage = msg.get("model"), None
         try:
             gen, stream = await self._start(msg)
             name, usage = gen.choices[0].tm.name, gen.usage
+            spent.append(usage)
             texts = [[] for _ in gen.choices]
             finish = [None] * len(gen.choices)
             counts = [0] * len(gen.choices)
