@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from daemon.egress import EgressPolicy
 from daemon.errors import FerryError, InternalError, InvalidInput
 from daemon.state.batches import BatchItem, BatchStore, JobStatus, signature_header, webhook_body
 
@@ -132,8 +133,10 @@ class BatchRunner:
 
     def __init__(self, store: BatchStore, execute: Callable[[BatchItem], Awaitable[dict]], *,
                  concurrency: int = 8, poll_s: float = 0.5,
-                 webhook_timeout_s: float = _WEBHOOK_TIMEOUT_S) -> None:
+                 webhook_timeout_s: float = _WEBHOOK_TIMEOUT_S,
+                 egress: EgressPolicy | None = None) -> None:
         self.store, self.execute = store, execute
+        self.egress = egress or EgressPolicy()
         self.concurrency, self.poll_s, self.webhook_timeout_s = concurrency, poll_s, \
             webhook_timeout_s
         self._wake = asyncio.Event()
@@ -148,7 +151,8 @@ class BatchRunner:
         requeued = await self.store.claim_unfinished()
         if requeued:
             log.info("batches: resuming %d unfinished job(s)", len(requeued))
-        self._session = aiohttp.ClientSession()
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(resolver=self.egress.resolver()))
         self._loop_task = asyncio.create_task(self._loop(), name="batch-runner")
 
     def wake(self) -> None:
@@ -246,12 +250,15 @@ class BatchRunner:
                 headers["X-Ferry-Signature"] = signature_header(secret, body)
             status, error = None, None
             try:
+                await self.egress.check_url(delivery.url, resolve=False)   # literal addresses
                 async with self._session.post(
                         delivery.url, data=body, headers=headers, allow_redirects=False,
                         timeout=aiohttp.ClientTimeout(total=self.webhook_timeout_s)) as resp:
                     status = resp.status
             except (aiohttp.ClientError, TimeoutError) as exc:
                 error = f"{type(exc).__name__}: {exc}"[:500]
+            except InvalidInput as exc:           # refused by the egress policy
+                error = exc.message[:500]
             ok = status is not None and 200 <= status < 300
             done = await self.store.record_webhook_attempt(job_id, delivered=ok, status=status,
                                                            error=error)

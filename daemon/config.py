@@ -74,6 +74,7 @@ class AuthConfig:
     required: bool = False
     jwt_secret_file: str = ""
     allow_ips: tuple[str, ...] = ()
+    webhook_allow_cidrs: tuple[str, ...] = ()   # private networks batch webhooks may reach
 
 
 @dataclass(slots=True, frozen=True)
@@ -232,11 +233,12 @@ def _validate(cfg: Config) -> None:
         if dev not in ("auto", "cpu") and not (dev.startswith("cuda:") and dev[5:].isascii()
                                              and dev[5:].isdigit()):
             raise ConfigError("engines.devices", f"unknown device {dev!r} (auto, cpu, cuda:N)")
-    for cidr in cfg.auth.allow_ips:
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            raise ConfigError("auth.allow_ips", f"not a CIDR: {cidr!r}") from None
+    for key in ("allow_ips", "webhook_allow_cidrs"):
+        for cidr in getattr(cfg.auth, key):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(f"auth.{key}", f"not a CIDR: {cidr!r}") from None
 
 
 def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None = None,

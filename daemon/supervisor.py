@@ -214,7 +214,8 @@ class Supervisor:
                 "drain_grace_s": s.drain_grace_s, "max_body": s.max_body_mb << 20,
                 "state_dir": str(self.cfg.state_dir), "auth": {
                     "required": self.cfg.auth.required, "allow_ips": list(self.cfg.auth.allow_ips),
-                    "jwt_secret_file": self.cfg.auth.jwt_secret_file},
+                    "jwt_secret_file": self.cfg.auth.jwt_secret_file,
+                    "webhook_allow_cidrs": list(self.cfg.auth.webhook_allow_cidrs)},
                 "cors_origins": list(s.cors_origins), "log_bodies": self.cfg.logging.log_bodies,
                 **extra}
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.auth import Authenticator, Principal
+from daemon.egress import EgressPolicy
 from daemon.errors import ConfigError, RateLimited
 from daemon.state import State, open_state
 from daemon.state.jwt_tokens import JwtIssuer, load_secret
@@ -48,6 +49,7 @@ class AccessSettings:
     jwt_secret_file: str = ""
     log_bodies: bool = False
     prune_log: bool = False            # one process per daemon applies retention
+    webhook_allow_cidrs: tuple[str, ...] = ()
 
     @classmethod
     def from_args(cls, args: dict[str, Any], *, prune_log: bool = False) -> AccessSettings:
@@ -59,7 +61,8 @@ class AccessSettings:
             runtime = Path(str(args["control"]).removeprefix("ipc://")).parent
         return cls(Path(args["state_dir"]), Path(runtime), bool(auth.get("required", False)),
                    tuple(auth.get("allow_ips") or ()), str(auth.get("jwt_secret_file") or ""),
-                   bool(args.get("log_bodies", False)), prune_log)
+                   bool(args.get("log_bodies", False)), prune_log,
+                   tuple(auth.get("webhook_allow_cidrs") or ()))
 
 
 def read_jwt_secret(settings: AccessSettings) -> bytes:
@@ -111,6 +114,7 @@ class Access:
     def __init__(self, settings: AccessSettings, state: State, limiter: RateLimiter,
                  jwt: JwtIssuer) -> None:
         self.settings, self.state, self.limiter, self.jwt = settings, state, limiter, jwt
+        self.egress = EgressPolicy(settings.webhook_allow_cidrs)
         self.auth = Authenticator(state.keys, jwt=jwt, users=state.users, required=True,
                                   allow_ips=settings.allow_ips)
         # Without credentials this one only applies the global IP allow-list.

@@ -30,6 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from daemon.batch_runner import INFER_URL, TEXT_URLS, BatchRunner, ItemExecutor
+from daemon.egress import EgressPolicy
 from daemon.errors import FerryError, InvalidInput
 from daemon.state.batches import BatchJob, JobStatus
 from frontends.http.admin import json_object
@@ -66,7 +67,8 @@ async def _start_runner(app: web.Application) -> None:
     except ModuleNotFoundError:
         texts = None
     runner = BatchRunner(app[ACCESS].state.batches,
-                         ItemExecutor(app[DISPATCHER], texts, settings.request_timeout_s))
+                         ItemExecutor(app[DISPATCHER], texts, settings.request_timeout_s),
+                         egress=app[ACCESS].egress)
     await runner.start()
     app[RUNNER] = runner
 
@@ -176,6 +178,9 @@ async def create_batch(request: web.Request) -> web.Response:
     principal = principal_of(request)
     metadata = {**(metadata or {}), _OWNER: principal.id if principal is not None else None}
     url, secret = sub.get("webhook_url"), sub.get("webhook_secret")
+    if isinstance(url, str):          # the store validates the form; this, the destination
+        access = request.app.get(ACCESS)
+        await (access.egress if access is not None else EgressPolicy()).check_url(url)
     generated = url is not None and secret is None
     if generated:
         secret = secrets.token_urlsafe(32)

@@ -25,6 +25,8 @@ from tests.integration.secure_daemon import SecureDaemon, call, error_code
 pytestmark = pytest.mark.timeout(240)
 
 INFER = "/v2/models/digits/infer"
+# The test receivers listen on 127.0.0.1, which webhooks may reach only when allowed.
+AUTH = "[auth]\nrequired = true\nwebhook_allow_cidrs = [\"127.0.0.0/8\"]\n"
 
 
 class Receiver:
@@ -118,7 +120,7 @@ def _delivered(d: SecureDaemon, job_id: str) -> bool:
 def ferry(demo_models, tmp_path_factory):
     repo = tensor_repo(demo_models, tmp_path_factory, ("digits", "smollm2"))
     slow_loop_repo(repo)   # `slow` too, so a cancel reliably lands while items are pending
-    d = SecureDaemon(repo, workers=2, extra_config="[auth]\nrequired = true\n")
+    d = SecureDaemon(repo, workers=2, extra_config=AUTH)
     d.keys = _seed(d)
     d.start(timeout_s=180)
     yield d
@@ -206,6 +208,11 @@ def test_openai_jsonl_batch_with_chat_and_completion(ferry):
       "webhook_url": "ftp://example.com/x"}, 400, "invalid_input"),
     ({"requests": [{"prompt": "x", "model": "smollm2"}], "endpoint": "/v1/completions",
       "metadata": {"_ferry_owner": "me"}}, 400, "invalid_input"),
+    # Webhooks may not reach the metadata service, private networks or, unless allowed, loopback.
+    *[({"requests": [{"prompt": "x", "model": "smollm2"}], "endpoint": "/v1/completions",
+        "webhook_url": url}, 400, "webhook_url_not_allowed")
+      for url in ("http://169.254.169.254/latest/meta-data/", "http://10.1.2.3:8080/hook",
+                  "https://[fd00::1]/hook", "http://[::ffff:192.168.0.1]/", "http://0.0.0.0/")],
     ({"input_file_id": "file-1", "endpoint": "/v1/chat/completions"}, 400,
      "unsupported_parameter"),
     ({"requests": [{"custom_id": "a", "url": INFER, "body": {}},
@@ -261,7 +268,7 @@ def test_cancel_stops_pending_items(ferry):
 
 def test_interrupted_batch_finishes_after_restart_and_webhook_arrives_once(tmp_path):
     d = SecureDaemon(slow_loop_repo(tmp_path / "repo"), workers=2,
-                     extra_config="[auth]\nrequired = true\n")
+                     extra_config=AUTH)
     keys = _seed(d)
     d.state(lambda st: st.users.create("root", "a long enough password"))
     n = 120

@@ -215,7 +215,8 @@ def test_generated_infer_bodies_never_crash_the_parser():
 @pytest.fixture(scope="module")
 def ferry(demo_models, tmp_path_factory):
     d = SecureDaemon(tensor_repo(demo_models, tmp_path_factory, ("digits", "minilm", "smollm2")),
-                     workers=2, extra_config="[auth]\nrequired = true\n",
+                     workers=2, extra_config="[auth]\nrequired = true\n"
+                                           "webhook_allow_cidrs = [\"127.0.0.0/8\"]\n",
                      env={"FERRY_TORCH_THREADS": "1"})
 
     async def seed(state) -> dict[str, Any]:
@@ -271,6 +272,8 @@ ODD_REQUESTS = [
                              "webhook_url": "http://[::1"}, 400),
     ("POST", "/v1/batches", {"endpoint": "/v2/models/digits/infer", "requests": [PIXELS],
                              "webhook_url": "http://[x]/"}, 400),
+    ("POST", "/v1/batches", {"endpoint": "/v2/models/digits/infer", "requests": [PIXELS],
+                             "webhook_url": "http://169.254.169.254/"}, 400),
     ("POST", "/v2/models/digits/infer", {**PIXELS, "parameters": {"timeout": 2**70}}, 200),
     ("POST", "/v2/models/digits/infer", {"inputs": [{
         "name": "pixels", "datatype": "FP32", "shape": [1, 64],
