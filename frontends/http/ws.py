@@ -26,8 +26,10 @@ Auth hook: when the security layer sets `app[WS_AUTH]` to `async (request, token
 the socket is accepted only after the hook returns a principal — for `token=None` at connect
 (credentials on the upgrade request; browsers cannot set headers on WebSockets, hence the
 message) or for the token of an `auth` message; the hook raises `Unauthorized` to refuse. Without
-the hook, `auth` messages are acknowledged and ignored. A principal with `may_use(model)` (as
-daemon.auth.Principal has) is asked before each inference. `app[WS_ADMIT]`, when set, admits
+the hook, `auth` messages are acknowledged and ignored. A socket not authenticated within
+AUTH_TIMEOUT_S, or after MAX_AUTH_FAILURES refused `auth` messages, gets an `error`
+(`auth_timeout`, `too_many_auth_failures`) and is closed with 1008 (policy violation). A
+principal with `may_use(model)` (as daemon.auth.Principal has) is asked before each inference. `app[WS_ADMIT]`, when set, admits
 each inference message against the caller's rate limits — `(request, principal) -> done`
 (raising RateLimited) — and `done(tokens)` runs when the request ends, with the prompt and
 completion tokens it used.
@@ -39,7 +41,7 @@ import json
 import logging
 from typing import Any, Awaitable, Callable
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from daemon.errors import FerryError, Forbidden, InvalidInput, RateLimited, Unauthorized
 from frontends.http.appkeys import DISPATCHER
@@ -59,6 +61,8 @@ WS_AUTH = web.AppKey("ws_authenticator", object)    # an Authenticator; absent: 
 WS_ADMIT = web.AppKey("ws_admitter", object)        # an Admitter; absent: no rate limits
 MAX_INFLIGHT = 64            # concurrent requests per socket
 MAX_MESSAGE = 1 << 20
+AUTH_TIMEOUT_S = 10.0        # a socket must authenticate within this, or it is closed
+MAX_AUTH_FAILURES = 3        # refused `auth` messages before the socket is closed
 _HEARTBEAT_S = 30.0
 
 
@@ -81,6 +85,7 @@ class _Session:
         self.auth: Authenticator | None = request.app.get(WS_AUTH)  # type: ignore[assignment]
         self.admit: Admitter | None = request.app.get(WS_ADMIT)  # type: ignore[assignment]
         self.principal: Any = None
+        self.auth_failures = 0
         self.handlers: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {
             "auth": self.on_auth, "inference": self.on_inference, "cancel": self.on_cancel,
             "ping": self.on_ping}
@@ -95,12 +100,29 @@ class _Session:
         await self.send({"type": "error", "id": rid, "code": exc.code, "message": exc.message,
                          "param": exc.param, "status": exc.status})
 
-    async def on_connect(self) -> None:
-        if self.auth is not None:
-            try:
-                self.principal = await self.auth(self.request, None)
-            except Unauthorized:
-                self.principal = None      # an auth message may still follow
+    async def on_connect(self) -> asyncio.Task | None:
+        """Authenticate from the upgrade's headers; when that fails, an `auth` message may still
+        follow, and the returned task closes the socket if none succeeds in AUTH_TIMEOUT_S."""
+        if self.auth is None:
+            return None
+        try:
+            self.principal = await self.auth(self.request, None)
+        except Unauthorized:
+            self.principal = None
+            return asyncio.create_task(self._auth_deadline())
+        return None
+
+    async def _auth_deadline(self) -> None:
+        await asyncio.sleep(AUTH_TIMEOUT_S)
+        if self.principal is None:
+            await self.refuse(Unauthorized(f"no valid credentials within {AUTH_TIMEOUT_S:g} s",
+                                           code="auth_timeout"))
+
+    async def refuse(self, exc: FerryError) -> None:
+        """Tell the client why, then close: an unauthenticated socket holds a connection and a
+        worker's memory, so it may not linger or keep guessing."""
+        await self.send_error(None, exc)
+        await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=exc.code.encode())
 
     async def on_text(self, data: str) -> None:
         rid = None
@@ -118,6 +140,9 @@ class _Session:
             await handler(msg)
         except FerryError as exc:
             await self.send_error(rid if _valid_id(rid) else None, exc)
+            if self.auth_failures >= MAX_AUTH_FAILURES and self.principal is None:
+                await self.refuse(Unauthorized(f"{MAX_AUTH_FAILURES} refused auth messages",
+                                               code="too_many_auth_failures"))
 
     async def on_auth(self, msg: dict[str, Any]) -> None:
         token = msg.get("token")
@@ -125,7 +150,11 @@ class _Session:
             raise InvalidInput("'token' must be a string", code="invalid_parameter",
                                param="token")
         if self.auth is not None:
-            self.principal = await self.auth(self.request, token)   # raises Unauthorized
+            try:
+                self.principal = await self.auth(self.request, token)
+            except Unauthorized:
+                self.auth_failures += 1
+                raise
         await self.send({"type": "auth", "ok": True})
 
     async def on_ping(self, msg: dict[str, Any]) -> None:
@@ -243,7 +272,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=_HEARTBEAT_S, max_msg_size=MAX_MESSAGE)
     await ws.prepare(request)
     session = _Session(request, ws)
-    await session.on_connect()
+    deadline = await session.on_connect()
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
@@ -252,5 +281,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 await session.send_error(None, InvalidInput(
                     "binary frames are not accepted; send JSON text", code="invalid_json"))
     finally:
+        if deadline is not None:
+            deadline.cancel()
         await session.close()
     return ws

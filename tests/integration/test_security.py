@@ -22,6 +22,7 @@ from daemon.errors import FerryError
 from daemon.state.jwt_tokens import JwtIssuer
 from daemon.state.keys import KeyStore
 from frontends.client import FerryClient
+from frontends.http import ws as ws_module
 from tests.integration.conftest import tensor_repo
 from tests.integration.daemon_proc import free_port, orphan_segments, wait_until
 from tests.integration.secure_daemon import SecureDaemon, call, error_code, run
@@ -492,3 +493,39 @@ def test_fuzzed_requests_never_answer_5xx(ferry, route, body, who, ctype, raw, j
     assert status < 500, (method, path, body, status, out)
     if status >= 400:
         assert error_code(out), out
+
+
+def test_websocket_without_credentials_is_closed_after_the_auth_deadline(ferry):
+    async def scenario() -> tuple[dict, aiohttp.WSMessage, float]:
+        async with aiohttp.ClientSession() as s, s.ws_connect(ferry.url + "/v1/ws") as ws:
+            started = time.monotonic()
+            await ws.send_json({"type": "ping"})          # connected, but never authenticates
+            assert json.loads((await ws.receive(timeout=30)).data)["type"] == "pong"
+            error = json.loads((await ws.receive(timeout=30)).data)
+            closed = await ws.receive(timeout=30)
+            return error, closed, time.monotonic() - started
+    error, closed, waited = run(scenario())
+    assert (error["type"], error["code"], error["status"]) == ("error", "auth_timeout", 401)
+    assert closed.type == aiohttp.WSMsgType.CLOSE and closed.data == 1008
+    assert ws_module.AUTH_TIMEOUT_S - 1 < waited < ws_module.AUTH_TIMEOUT_S + 10
+
+
+def test_websocket_is_closed_after_repeated_refused_auth(ferry):
+    async def scenario() -> list[dict | int]:
+        out: list[dict | int] = []
+        async with aiohttp.ClientSession() as s, s.ws_connect(ferry.url + "/v1/ws") as ws:
+            for _ in range(ws_module.MAX_AUTH_FAILURES):
+                await ws.send_json({"type": "auth", "token": WRONG})
+                out.append(json.loads((await ws.receive(timeout=30)).data))
+            out.append(json.loads((await ws.receive(timeout=30)).data))
+            closed = await ws.receive(timeout=30)
+            out.append(closed.data if closed.type == aiohttp.WSMsgType.CLOSE else -1)
+        return out
+    replies = run(scenario())
+    assert [r["code"] for r in replies[:-1]] == ["invalid_api_key"] * \
+        ws_module.MAX_AUTH_FAILURES + ["too_many_auth_failures"], replies
+    assert replies[-1] == 1008
+    # A good key on a later socket still works: the cap is per socket, not per address.
+    auth_reply, _ = run(_ws_exchange(ferry, {"type": "auth", "token": ferry.keys["infer"]},
+                                     WS_INFER))
+    assert auth_reply == {"type": "auth", "ok": True}
