@@ -302,3 +302,25 @@ def test_disconnect_cancels_the_engine_request(ferry, stream):
     stats = wait_until(lambda: (s := _llm_stats(ferry))["running"] == 0
                        and s["kv_blocks_used"] == 0 and s, 5, "the KV blocks to be freed")
     assert stats["tokens_generated"] - before < max_tokens
+
+
+def test_llm_memory_is_reserved_as_measured_not_as_estimated(ferry):
+    """The supervisor's memory ledger holds what the LLM engine reports it holds (weights as
+    loaded, int8 or float, plus the KV cache), not the pre-load worst-case estimate."""
+    from daemon.cli import _control
+    from daemon.config import load_config
+    from daemon.memory import estimate_bytes
+    from daemon.repository_spec import load_spec
+
+    status = _control(load_config(ferry.config_path), "status", {})
+    reserved = {eid: e["memory"]["reserved_bytes"] for eid, e in status["engines"].items()}
+    smol = status["models"]["smollm2"]["versions"]["1"]
+    extra = smol["info"]["extra"]
+    assert extra["weight_format"] in ("int8", "float")
+    kv = extra["kv_blocks"] * extra["block_size"] * 2 * 30 * 3 * 64 * 4   # 30 layers, fp32
+    assert extra["memory_bytes"] > kv
+    minilm = estimate_bytes(load_spec(ferry.repo / "minilm" / "1", "minilm", 1))
+    smol_estimate = estimate_bytes(load_spec(ferry.repo / "smollm2" / "1", "smollm2", 1))
+    assert extra["memory_bytes"] < smol_estimate
+    for eid in smol["engines"]:
+        assert reserved[eid] == minilm + extra["memory_bytes"]
