@@ -141,6 +141,10 @@ class Authenticator:
         self._changes: ChangeCounter | None = getattr(keys, "changes", None)
         self._seen_change = self._changes.value() if self._changes is not None else 0
 
+    def set_allow_ips(self, cidrs: Iterable[str]) -> None:
+        """Replace the global IP allow-list (a reloaded configuration)."""
+        self._allow = _networks(cidrs)
+
     def invalidate(self, key_id: str | None = None) -> None:
         """Forget cached records (one key, or everything) after a change made here."""
         self._key_cache.drop(key_id)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from daemon.config import Config, load_config
+from daemon.config import Config, check_exposure, load_config
 from daemon.errors import ConfigError, FerryError
 
 __all__ = ["main", "build_parser"]
@@ -61,23 +61,9 @@ def _load(args: argparse.Namespace) -> Config:
         "paths.runtime_dir": args.runtime_dir})
 
 
-def _check_bind(cfg: Config) -> None:
-    """Refuse to expose the daemon beyond loopback without authentication."""
-    import ipaddress
-    host = cfg.server.host
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and not cfg.auth.required:
-        raise ConfigError("server.host", (
-            f"binding {host} exposes the daemon beyond this host; set [auth] required = true "
-            "and create a key first: ferry tokens create --name NAME --scopes infer"))
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    _check_bind(cfg)
+    check_exposure(cfg)
     if cfg.auth.required:
         from daemon.cli_tokens import require_credentials
         require_credentials(cfg)

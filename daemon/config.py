@@ -26,7 +26,8 @@ from daemon.errors import ConfigError
 from daemon.repository import select_versions
 
 __all__ = ["ServerConfig", "PathsConfig", "EnginesConfig", "RepositoryConfig", "ShmConfig",
-           "AuthConfig", "LoggingConfig", "Config", "load_config", "ENV_OVERRIDES"]
+           "AuthConfig", "LoggingConfig", "Config", "load_config", "check_exposure",
+           "ENV_OVERRIDES"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -267,3 +268,17 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None
         if value is not None:
             _apply(tree, key, value)
     return _build(tree)
+
+
+def check_exposure(cfg: Config) -> None:
+    """Refuse to expose the daemon beyond loopback without authentication (at start, and for a
+    reload that would turn authentication off)."""
+    host = cfg.server.host
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not cfg.auth.required:
+        raise ConfigError("server.host", (
+            f"binding {host} exposes the daemon beyond this host; set [auth] required = true "
+            "and create a key first: ferry tokens create --name NAME --scopes infer"))

@@ -45,6 +45,10 @@ def _why_refused(addr: IpAddress) -> str | None:
 
 class EgressPolicy:
     def __init__(self, allow_cidrs: Iterable[str] = ()) -> None:
+        self.set_allow(allow_cidrs)
+
+    def set_allow(self, allow_cidrs: Iterable[str]) -> None:
+        """Replace the allowed private networks (the resolver in use follows at once)."""
         self.allow = tuple(ipaddress.ip_network(c, strict=False) for c in allow_cidrs)
 
     def refusal(self, ip: str) -> str | None:

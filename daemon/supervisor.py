@@ -6,6 +6,7 @@ It never sits on the data path: frontends talk to engines directly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -22,7 +23,7 @@ import zmq.asyncio
 from daemon import metrics
 from daemon import protocol as P
 from daemon.children import Child, backoff_for, reap, spawn, stop_all
-from daemon.config import Config
+from daemon.config import Config, check_exposure
 from daemon.devices import discover_devices
 from daemon.errors import FerryError, InvalidInput, error_from_wire
 from daemon.memory import MemoryLedger, device_budget, estimate_bytes
@@ -388,13 +389,16 @@ class Supervisor:
                          "pid": c.pid, "restarts": c.restarts,
                          "memory": c.meta["memory"].as_dict()}
                    for eid, c in self.engines.items()}
+        auth = self.cfg.auth
+        config = {"auth": {"required": auth.required, "allow_ips": list(auth.allow_ips),
+                           "webhook_allow_cidrs": list(auth.webhook_allow_cidrs)}}
         models: dict[str, Any] = {}
         for (name, version), mv in sorted(self.models.items()):
             entry = models.setdefault(name, {"versions": {}})
             entry["versions"][str(version)] = {
                 "engines": mv.engines, "info": mv.info, "sha256": mv.sha256, "state": mv.state,
                 "engine": mv.engine_kind, "error": mv.error, "path": str(mv.path)}
-        return P.Placement(self.epoch, engines, models, self.state,
+        return P.Placement(self.epoch, engines, models, self.state, config=config,
                            regions=list(self.regions.values()))
 
     def publish(self) -> None:
@@ -534,13 +538,20 @@ class Supervisor:
 
     # -- reload / drain ----------------------------------------------------------------------
     async def reload(self) -> None:
-        """SIGHUP: re-read the config file and the repository, without dropping requests."""
+        """SIGHUP: re-read the config file and the repository, without dropping requests.
+
+        Applied live: `[repository]` and `[auth]` required / allow_ips / webhook_allow_cidrs
+        (frontends get them with the next placement). Everything else needs a restart and is
+        logged as such."""
         self.notifier.reloading()
         from daemon.config import load_config
         try:
             if self.config_path:
                 new = load_config(self.config_path)
+                check_exposure(new)
+                _log_restart_only_changes(self.cfg, new)
                 self.cfg = new
+                self.publish()
             result = await self.apply_repository()
             log.info("reloaded: %s", result)
         except Exception as exc:   # a bad reload keeps the running configuration
@@ -595,3 +606,19 @@ class Supervisor:
     async def control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         from daemon.control import handle_control
         return await handle_control(self, op, args)
+
+
+_LIVE = {"repository": None, "auth": {"required", "allow_ips", "webhook_allow_cidrs"}}
+
+
+def _log_restart_only_changes(old: Config, new: Config) -> None:
+    """Warn about reloaded settings that only a restart applies (listen address, paths, …)."""
+    for section in dataclasses.fields(Config):
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        live = _LIVE.get(section.name, set())
+        if live is None:
+            continue
+        for f in dataclasses.fields(before):
+            if f.name not in live and getattr(before, f.name) != getattr(after, f.name):
+                log.warning("reload: %s.%s changed; it applies at the next restart",
+                            section.name, f.name)

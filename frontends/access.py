@@ -16,6 +16,7 @@ auth off never hands key management to every local user.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -147,6 +148,25 @@ class Access:
     @property
     def required(self) -> bool:
         return self.settings.required
+
+    def reconfigure(self, auth: dict[str, Any]) -> None:
+        """Apply reloaded `[auth]` settings (Placement.config after a SIGHUP): whether keys are
+        required, the global IP allow-list and the webhook egress allow-list. Keys, users and
+        limits live in the database and need no reload; jwt_secret_file needs a restart."""
+        new = dataclasses.replace(
+            self.settings, required=bool(auth.get("required", self.settings.required)),
+            allow_ips=tuple(auth.get("allow_ips", self.settings.allow_ips)),
+            webhook_allow_cidrs=tuple(auth.get("webhook_allow_cidrs",
+                                               self.settings.webhook_allow_cidrs)))
+        if new == self.settings:
+            return
+        self.auth.set_allow_ips(new.allow_ips)
+        self._open.set_allow_ips(new.allow_ips)
+        self.egress.set_allow(new.webhook_allow_cidrs)
+        self.settings = new
+        log.info("access settings reloaded: auth %s, %d allow-list entries, %d webhook networks",
+                 "required" if new.required else "off", len(new.allow_ips),
+                 len(new.webhook_allow_cidrs))
 
     async def authenticate(self, credential: str | None, client_ip: str | None, scope: str,
                            model: str | None = None, *, always: bool = False) -> Principal:

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 import zmq
@@ -118,6 +118,10 @@ class Dispatcher:
         self._tasks: list[asyncio.Task] = []
         self._sha_index: dict[str, tuple[str, int]] = {}
         self._sub: zmq.Socket | None = None
+        # Called with Placement.config whenever it changes (a SIGHUP reload of the settings
+        # frontends apply live, e.g. access control).
+        self.config_listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._config: dict[str, Any] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self, wait_s: float = 30.0) -> None:
@@ -173,6 +177,13 @@ class Dispatcher:
 
     def _apply_placement(self, msg: P.Placement) -> None:
         self.placement = msg
+        if msg.config != self._config:
+            self._config = msg.config
+            for listener in self.config_listeners:
+                try:
+                    listener(msg.config)
+                except Exception:      # a listener's bug must not stop placement updates
+                    log.exception("applying reloaded settings failed")
         index: dict[str, tuple[str, int]] = {}
         for name, m in msg.models.items():
             for ver, v in m.get("versions", {}).items():

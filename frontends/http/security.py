@@ -416,6 +416,9 @@ def install(app: web.Application, args: dict[str, Any]) -> None:
     async def lifetime(app: web.Application):
         access = await Access.open(settings)
         app[ACCESS] = access
+        if DISPATCHER in app:   # SIGHUP-reloaded [auth] settings arrive with the placement
+            app[DISPATCHER].config_listeners.append(
+                lambda config: access.reconfigure(config.get("auth") or {}))
         cors = app[_CORS]   # a separate statement: inside sorted() mypy infers the wrong key type
         log.info("security: auth %s, %d global allow-list entries, CORS %s",
                  "required" if settings.required else "off (admin API still needs a key)",

@@ -204,6 +204,7 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
     access = None
     try:
         access = await Access.open(AccessSettings.from_args(args))
+        d.config_listeners.append(lambda config: access.reconfigure(config.get("auth") or {}))
         await d.start()
         sock.bind(args["bind"])
         if args["bind"].startswith("ipc://"):
