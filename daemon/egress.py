@@ -65,10 +65,13 @@ class EgressPolicy:
     async def check_url(self, url: str, *, resolve: bool = True) -> None:
         """InvalidInput `webhook_url_not_allowed` when the URL's host is, or resolves to, a
         refused address. A name that does not resolve now passes: it is checked again at send."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+        except ValueError:
+            return                      # malformed: the batch store's validation says so
         if parts.scheme not in ("http", "https"):
-            return                      # not a webhook URL at all: its validation says so
-        host = parts.hostname or ""
+            return                      # not a webhook URL at all: likewise
         try:
             addresses = [str(ipaddress.ip_address(host.split("%", 1)[0]))]
         except ValueError:

@@ -49,6 +49,7 @@ def test_submission_check_names_the_field_and_the_reason():
         assert "loopback" in (await check("http://localhost:8080/hook") or "")   # resolved
         assert await check("http://93.184.216.34/hook") is None
         assert await check("ftp://10.0.0.1/x") is None          # not http(s): the store refuses
+        assert await check("http://[::1") is None              # malformed: likewise
         assert await check("http://localhost/", EgressPolicy(["127.0.0.0/8", "::1/128"])) is None
     asyncio.run(main())
 
