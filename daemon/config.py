@@ -62,6 +62,9 @@ class RepositoryConfig:
     control_mode: str = "none"      # none | poll | explicit
     poll_interval_s: float = 5.0
     version_policy: str = "latest:1"   # latest:N | all | specific:1,3
+    # explicit mode: the models loaded at start (names or fnmatch patterns; Triton's
+    # --load-model). ["*"]: everything; []: nothing until a load request.
+    startup_models: tuple[str, ...] = ("*",)
 
 
 @dataclass(slots=True, frozen=True)
@@ -222,6 +225,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("repository.poll_interval_s", "must be > 0")
     # a bad policy must stop `ferry serve` at start, not the first repository scan
     select_versions({}, cfg.repository.version_policy)
+    if any(not isinstance(m, str) or not m for m in cfg.repository.startup_models):
+        raise ConfigError("repository.startup_models", "must be a list of model names or "
+                          "patterns (\"*\" for all)")
     if cfg.shm.arena_mb < 1:
         raise ConfigError("shm.arena_mb", "must be at least 1")
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error", "critical"):

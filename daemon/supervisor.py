@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fnmatch
 import logging
 import os
 import secrets
@@ -272,8 +273,13 @@ class Supervisor:
             for name, versions in scan(self.cfg.model_repository).items():
                 for v, path in select_versions(versions, self.cfg.repository.version_policy).items():
                     wanted[(name, v)] = path
-            if self.cfg.repository.control_mode == "explicit" and self.state != "starting":
-                wanted = {k: p for k, p in wanted.items() if k in self.models}
+            if self.cfg.repository.control_mode == "explicit":
+                if self.state == "starting":     # only what startup_models names
+                    patterns = self.cfg.repository.startup_models
+                    wanted = {k: p for k, p in wanted.items()
+                              if any(fnmatch.fnmatchcase(k[0], pat) for pat in patterns)}
+                else:                           # disk alone changes nothing
+                    wanted = {k: p for k, p in wanted.items() if k in self.models}
             loads = [k for k in wanted if k not in self.models or self.models[k].state == "failed"
                      or (self.models[k].state == "ready"
                          and self.models[k].fingerprint != fingerprint(wanted[k]))]

@@ -455,3 +455,20 @@ def test_upload_refuses_bad_requests(explicit_daemon, demo_models):
     status, body = _upload(d, "linked", [toml, weights])
     assert (status, body["error"]["code"]) == (409, "model_dir_conflict")
     assert sorted(p.name for p in (demo_models / "digits").iterdir()) == shared
+
+
+def test_explicit_mode_loads_only_the_startup_models(demo_models, tmp_path_factory):
+    """As Triton's explicit mode with --load-model: named models at start, others on request."""
+    repo = tmp_path_factory.mktemp("startuprepo")
+    copy_version(demo_models / "digits" / "1", repo, "digits", 1)
+    write_version(repo, "slow", 1, {"model.onnx": slow_echo_onnx(), "model.toml": SLOW_TOML})
+    d = Daemon(repo, workers=1,
+               extra_config=EXPLICIT + 'startup_models = ["dig*"]\n').start()
+    try:
+        assert _index(d) == {("digits", "1"): "READY", ("slow", "1"): "UNAVAILABLE"}
+        assert http_get(d.url + "/v2/models/slow/ready")[0] != 200
+        status, _ = post(d.url + "/v2/repository/models/slow/load", b"", "application/json")
+        assert status == 200
+        assert _index(d)[("slow", "1")] == "READY"
+    finally:
+        _stop(d)

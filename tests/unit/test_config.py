@@ -274,3 +274,12 @@ def test_config_path_that_is_a_directory(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path, env={})
     assert err.value.key == "--config"
+
+
+@pytest.mark.parametrize("value", ['["  "]', "[3]"])
+def test_bad_startup_models_name_the_key(tmp_path, value):
+    path = tmp_path / "ferry.toml"
+    path.write_text(f"[repository]\nstartup_models = {value}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert "repository.startup_models" in str(info.value)
