@@ -171,11 +171,55 @@ async def shm_unregister(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
-# -- CUDA shared memory: answered clearly on hosts without it -----------------------------------
+# -- CUDA shared memory: the routes Triton clients call, answered clearly ----------------------
+# Registering a CUDA IPC handle needs an engine on that GPU to open it; this build does not open
+# them yet (issue 9), so no region is ever registered: status lists none, unregister has nothing
+# to do, and register says why after checking the request's form.
 
 @routes.get("/v2/cudasharedmemory/status")
+@routes.get("/v2/cudasharedmemory/region/{region}/status")
 async def cuda_shm_status(request: web.Request) -> web.Response:
+    region = request.match_info.get("region")
+    if region is not None:
+        raise InvalidInput(f"CUDA shared-memory region {region!r} is not registered",
+                           code="shm_unknown_region")
     return web.json_response([])
+
+
+@routes.post("/v2/cudasharedmemory/region/{region}/register")
+async def cuda_shm_register(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise InvalidInput("request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        body = {}
+    handle, device, size = body.get("raw_handle"), body.get("device_id"), body.get("byte_size")
+    b64 = handle.get("b64") if isinstance(handle, dict) else None
+    if not isinstance(b64, str) or not isinstance(device, int) or not _is_int(device) \
+            or device < 0 or not isinstance(size, int) or not _is_int(size) or size <= 0:
+        raise InvalidInput("'raw_handle' ({\"b64\": string}), 'device_id' (integer >= 0) and "
+                           "'byte_size' (integer > 0) are required", code="shm_bad_region")
+    pl = request.app[DISPATCHER].placement
+    gpus = sorted(e["device"] for e in (pl.engines.values() if pl is not None else ())
+                  if str(e.get("device", "")).startswith("cuda"))
+    if not gpus:
+        raise InvalidInput("CUDA shared memory needs an engine on a CUDA device and this daemon "
+                           "runs none; use system shared memory (/v2/systemsharedmemory)",
+                           code="cuda_shm_unavailable", param="device_id")
+    raise FerryError("CUDA shared-memory registration is not supported by this build yet; use "
+                     "system shared memory (/v2/systemsharedmemory)",
+                     code="cuda_shm_unsupported", status=501)
+
+
+@routes.post("/v2/cudasharedmemory/unregister")
+@routes.post("/v2/cudasharedmemory/region/{region}/unregister")
+async def cuda_shm_unregister(request: web.Request) -> web.Response:
+    return web.json_response({})         # none is ever registered
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value < 2**63
 
 
 # -- repository (Triton model repository extension) ---------------------------------------------

@@ -149,9 +149,29 @@ def _kserve_paths() -> dict[str, Schema]:
         params=(_REGION,), kserve=True)}
     p["/v2/systemsharedmemory/unregister"] = {"post": _op(
         "shm_unregister_all", "Unregister every region", "kserve", _ADMIN, empty, kserve=True)}
+    none = _ok({"type": "array", "maxItems": 0})
     p["/v2/cudasharedmemory/status"] = {"get": _op(
-        "cuda_shm_status", "CUDA shared memory (none on this server)", "kserve", _ADMIN,
-        _ok({"type": "array", "maxItems": 0}), kserve=True)}
+        "cuda_shm_status", "CUDA shared memory (none registered by this build)", "kserve",
+        _ADMIN, none, kserve=True)}
+    p["/v2/cudasharedmemory/region/{region}/status"] = {"get": _op(
+        "cuda_shm_region_status", "One CUDA region's status (400: not registered)", "kserve",
+        _ADMIN, none, params=(_REGION,), kserve=True)}
+    cuda_register = {"type": "object", "required": ["raw_handle", "device_id", "byte_size"],
+                     "properties": {
+                         "raw_handle": {"type": "object", "required": ["b64"],
+                                        "properties": {"b64": {"type": "string"}}},
+                         "device_id": {"type": "integer", "minimum": 0},
+                         "byte_size": {"type": "integer", "minimum": 1}}}
+    p["/v2/cudasharedmemory/region/{region}/register"] = {"post": _op(
+        "cuda_shm_register", "Register a CUDA IPC region (400 without a CUDA engine; 501 "
+        "until this build opens IPC handles)", "kserve", _ADMIN, empty, params=(_REGION,),
+        body=_body(cuda_register), kserve=True)}
+    p["/v2/cudasharedmemory/region/{region}/unregister"] = {"post": _op(
+        "cuda_shm_unregister_region", "Unregister one CUDA region (none registered)", "kserve",
+        _ADMIN, empty, params=(_REGION,), kserve=True)}
+    p["/v2/cudasharedmemory/unregister"] = {"post": _op(
+        "cuda_shm_unregister_all", "Unregister every CUDA region (none registered)", "kserve",
+        _ADMIN, empty, kserve=True)}
     index = _ok({"type": "array", "items": _ref("RepositoryEntry")})
     p["/v2/repository/index"] = {"post": _op(
         "repository_index", "Model repository index", "kserve", _ADMIN, index,

@@ -145,3 +145,28 @@ def test_system_shared_memory_with_tritonclient(client):
         assert client.get_system_shared_memory_status() == []
         shm.destroy_shared_memory_region(in_handle)
         shm.destroy_shared_memory_region(out_handle)
+
+
+def test_cuda_shared_memory_routes_answer_clearly_without_a_gpu(client, daemon):
+    """tritonclient's CUDA shared-memory calls: on a host with no CUDA engine, registering is a
+    clear 400 (after the form is checked), status lists nothing, unregister succeeds."""
+    assert client.get_cuda_shared_memory_status() == []
+    with pytest.raises(InferenceServerException) as err:
+        client.register_cuda_shared_memory("gpu_in", b"QUJD" * 16, 0, 1024)
+    assert err.value.status() == "400" and "system shared memory" in err.value.message()
+    client.unregister_cuda_shared_memory("gpu_in")
+    client.unregister_cuda_shared_memory()
+    with pytest.raises(InferenceServerException) as err:
+        client.get_cuda_shared_memory_status("gpu_in")
+    assert err.value.status() == "400"
+    for body in ({}, {"raw_handle": "x", "device_id": 0, "byte_size": 8},
+                 {"raw_handle": {"b64": "QQ=="}, "device_id": -1, "byte_size": 8},
+                 {"raw_handle": {"b64": "QQ=="}, "device_id": 0, "byte_size": 0},
+                 {"raw_handle": {"b64": "QQ=="}, "device_id": True, "byte_size": 8}):
+        req = urllib.request.Request(daemon.url + "/v2/cudasharedmemory/region/r/register",
+                                     data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as http_err:
+            urllib.request.urlopen(req, timeout=10)
+        answer = json.loads(http_err.value.read())
+        assert http_err.value.code == 400 and answer["code"] == "shm_bad_region", (body, answer)
