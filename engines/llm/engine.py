@@ -48,7 +48,7 @@ class LLMOptions:
     max_batched_tokens: int = 512
     num_threads: int = 0                 # 0: leave torch's default
     dtype: str | None = None             # None: the loader's default for the device
-    weight_format: str = "auto"          # auto | float | int8 (engines.llm.quant)
+    weight_format: str = "auto"          # auto | float | int8 | int4 (engines.llm.quant)
 
     @classmethod
     def from_section(cls, section: dict[str, Any]) -> LLMOptions:

@@ -12,6 +12,7 @@ RoPE as the HF reference. Qwen2 files are not permuted.
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import re
 import struct
@@ -206,7 +207,20 @@ def _config(gf: GGUFFile) -> LlamaConfig:
         eos_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
         arch=arch, attn_bias="blk.0.attn_q.bias" in gf.tensors,
         rope_freq_factors=_rope_factors(gf, meta, head_dim),
+        weight_bits=_layer_weight_bits(gf),
     ).validate()
+
+
+def _layer_weight_bits(gf: GGUFFile) -> int:
+    """Bits per weight of the widest layer matrix, rounded up (block scales included)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    widest = 0.0
+    for tensor in gf.tensors.values():
+        if tensor.name.startswith("blk.") and len(tensor.dims) == 2:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(tensor.qtype)]
+            widest = max(widest, type_size * 8 / block)
+    return math.ceil(widest) if widest else 32
 
 
 def _rope_factors(gf: GGUFFile, meta: Any, head_dim: int) -> tuple[float, ...] | None:

@@ -22,7 +22,8 @@ from torch import nn
 
 from engines.llm.config import LlamaConfig, ModelLoadFailed
 from engines.llm.kv_cache import AttentionMetadata, DecodeGroup, PagedKVCache, PrefillSeq
-from engines.llm.quant import Int8Weight, linear, resolve_weight_format
+from engines.llm.quant import (Int4Weight, Int8Weight, int4_supported, linear,
+                               resolve_weight_format)
 
 __all__ = ["ForwardBatch", "LlamaModel", "load_model", "random_model"]
 
@@ -114,10 +115,10 @@ _MATRICES = ("qkv", "o_proj", "gate_up", "down")
 
 
 class DecoderLayer(nn.Module):
-    qkv: torch.Tensor | Int8Weight
-    o_proj: torch.Tensor | Int8Weight
-    gate_up: torch.Tensor | Int8Weight
-    down: torch.Tensor | Int8Weight
+    qkv: torch.Tensor | Int8Weight | Int4Weight
+    o_proj: torch.Tensor | Int8Weight | Int4Weight
+    gate_up: torch.Tensor | Int8Weight | Int4Weight
+    down: torch.Tensor | Int8Weight | Int4Weight
 
     def __init__(self, cfg: LlamaConfig, index: int, device: torch.device | str,
                  dtype: torch.dtype) -> None:
@@ -147,9 +148,13 @@ class DecoderLayer(nn.Module):
         gate, up = linear(rms_norm(h, self.ffn_norm, cfg.rms_eps), self.gate_up).chunk(2, dim=-1)
         return h + linear(F.silu(gate) * up, self.down)
 
-    def quantize_int8(self) -> None:
+    def quantize(self, fmt: str) -> None:
+        """Every matrix to `fmt` ("int8" or "int4"; a shape the int4 kernel cannot take stays
+        int8)."""
         for name in _MATRICES:
-            weight = Int8Weight(getattr(self, name))
+            w = getattr(self, name)
+            weight: Int8Weight | Int4Weight = (Int4Weight(w) if fmt == "int4" and
+                                               int4_supported(w.shape) else Int8Weight(w))
             delattr(self, name)                 # drop the float32 Parameter before replacing it
             setattr(self, name, weight)
 
@@ -206,16 +211,21 @@ class LlamaModel(nn.Module):
             return torch.mm(self.lm_head, x.t()).t()
         return F.linear(x, self.lm_head)
 
-    def quantize_int8(self) -> None:
-        """Turn every matrix into an Int8Weight (engines.llm.quant), after loading. The LM head
-        keeps no bfloat16 copy: it only ever sees one row per sequence. A tied embedding table is
-        read back from the quantized head, so it is stored once."""
-        if self.weight_format == "int8":
-            return
+    def quantize(self, fmt: str = "int8") -> None:
+        """Turn every layer matrix into an Int8Weight or Int4Weight (engines.llm.quant), after
+        loading. The LM head is int8 either way and keeps no bfloat16 copy: it only ever sees
+        one row per sequence. A tied embedding table is read back from the quantized head, so
+        it is stored once."""
+        if fmt not in ("int8", "int4"):
+            raise ValueError(f"quantize to int8 or int4, not {fmt!r}")
+        if self.weight_format != "float":
+            if self.weight_format == fmt:
+                return
+            raise ValueError(f"the model is already {self.weight_format}")
         if self.device.type != "cpu" or self.dtype != torch.float32:
-            raise ValueError("int8 weights are for float32 CPU models")
+            raise ValueError("int8/int4 weights are for float32 CPU models")
         for layer in cast("list[DecoderLayer]", list(self.layers)):
-            layer.quantize_int8()
+            layer.quantize(fmt)
         head = Int8Weight(cast(torch.Tensor, self.lm_head), keep_wide=False)
         tied = self.lm_head is self.embed
         del self.lm_head
@@ -223,7 +233,7 @@ class LlamaModel(nn.Module):
         if tied:
             del self.embed
             self.embed = head
-        self.weight_format = "int8"
+        self.weight_format = fmt
 
     def weight_bytes(self) -> int:
         """Bytes of weights held, quantized copies included."""
@@ -231,7 +241,7 @@ class LlamaModel(nn.Module):
         total = 0
         for module in self.modules():
             for value in list(module.__dict__.values()) + list(module._parameters.values()):
-                if isinstance(value, Int8Weight) and id(value) not in seen:
+                if isinstance(value, (Int8Weight, Int4Weight)) and id(value) not in seen:
                     seen.add(id(value))
                     total += value.nbytes()
                 elif isinstance(value, torch.Tensor) and id(value) not in seen:
@@ -292,7 +302,7 @@ def _default_dtype(device: str) -> torch.dtype:
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
                weights: str = "float") -> LlamaModel:
     """Load a .gguf file, or a directory with config.json + *.safetensors (HF Llama layout).
-    `weights`: 'float' keeps `dtype`; 'int8' / 'auto' see engines.llm.quant."""
+    `weights`: 'float' keeps `dtype`; 'int8', 'int4' and 'auto' see engines.llm.quant."""
     from engines.llm import gguf_loader, safetensors_loader
 
     path = Path(path)
@@ -308,10 +318,12 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None 
     dtype = dtype or _default_dtype(device)
     model = LlamaModel(cfg, device=device, dtype=dtype).eval()
     model.load_weights(tensors, str(path))
-    if dtype == torch.float32 and resolve_weight_format(weights, device) == "int8":
-        model.quantize_int8()
-    elif weights == "int8":
-        raise ModelLoadFailed(f"int8 weights need dtype float32 on a CPU, not {dtype} on {device}")
+    fmt = resolve_weight_format(weights, device, cfg.weight_bits)
+    if fmt in ("int8", "int4") and dtype == torch.float32:
+        model.quantize(fmt)
+    elif fmt != "float" and weights != "auto":
+        raise ModelLoadFailed(f"{weights} weights need dtype float32 on a CPU, not {dtype} on "
+                              f"{device}")
     log.info("loaded %s (%s, %d layers, %s, %s weights, %.0f MB, on %s) in %.2f s", path.name,
              cfg.arch, cfg.num_layers, dtype, model.weight_format, model.weight_bytes() / 2**20,
              device, time.monotonic() - started)

@@ -151,12 +151,15 @@ def test_chat_answer_names_paris(model, tok):
     assert "Paris" in answer, answer
 
 
-def test_int8_weights_track_transformers(tok, reference):
-    """The CPU default (int8 weights, bfloat16 products): teacher-forced on transformers' own
-    greedy continuation, our top-1 token agrees at >= 90% of positions (measured 92 of 96 on these
-    prompts) and the answer still names Paris."""
-    quantized = load_model(GGUF, weights="int8")
-    assert quantized.weight_format == "int8"
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_weights_track_transformers(tok, reference, fmt):
+    """int8 and int4 weights (the CPU default for this 4-bit file), bfloat16 products:
+    teacher-forced on transformers' own greedy continuation, our top-1 token agrees at >= 90%
+    of positions (measured: int8 92 of 96, int4 96 of 96 on these prompts). To "What is the
+    capital of France?" int4 answers "L'Étoile, la Marseillaise, …" as llama.cpp's
+    llama-server does on this same file; float32 and int8 say Paris."""
+    quantized = load_model(GGUF, weights=fmt)
+    assert quantized.weight_format == fmt
     agree = total = 0
     for messages in PROMPTS:
         prompt = tok.encode(tok.apply_chat_template(messages))
@@ -172,4 +175,5 @@ def test_int8_weights_track_transformers(tok, reference):
         agree += int((ours == expected).sum())
         total += NEW_TOKENS
     assert agree >= 0.9 * total, f"{agree}/{total} top-1 agreement"
-    test_chat_answer_names_paris(quantized, tok)
+    if fmt == "int8":
+        test_chat_answer_names_paris(quantized, tok)

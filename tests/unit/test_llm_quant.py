@@ -16,7 +16,8 @@ from engines.llm.config import ModelLoadFailed
 from engines.llm.engine import LLMOptions
 from engines.llm.kv_cache import PagedKVCache
 from engines.llm.model import random_model
-from engines.llm.quant import NARROW_ROWS, Int8Weight, linear, resolve_weight_format
+from engines.llm.quant import (INT4_GROUP, NARROW_ROWS, Int4Weight, Int8Weight, linear,
+                               resolve_weight_format)
 from tests.unit.test_llm_model import BS, TINY, Seq, one_shot, prompt, step
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,7 +59,7 @@ def test_quantized_model_follows_the_float_model():
     ref = random_model(TINY, seed=3)
     q = random_model(TINY, seed=3)
     float_bytes = q.weight_bytes()
-    q.quantize_int8()
+    q.quantize("int8")
     assert q.weight_format == "int8" and q.weight_bytes() < float_bytes
     for n in (1, 5, 40):                      # narrow and wide matmul paths
         tokens = prompt(n, seed=n)
@@ -69,7 +70,7 @@ def test_quantized_model_follows_the_float_model():
 
 def test_quantized_paged_steps_equal_the_one_shot_forward():
     model = random_model(TINY, seed=4)
-    model.quantize_int8()
+    model.quantize("int8")
     tokens = prompt(11, seed=9)
     kv = PagedKVCache(TINY, 8, BS, torch.float32, "cpu")
     seq = Seq(tokens, [5, 2, 7])
@@ -85,18 +86,18 @@ def test_tied_embeddings_are_stored_once_after_quantizing():
     cfg = dataclasses.replace(TINY, tie_embeddings=True)
     model = random_model(cfg, seed=5)
     before = one_shot(model, prompt(6, seed=1))
-    model.quantize_int8()
+    model.quantize("int8")
     assert model.embed is model.lm_head and isinstance(model.embed, Int8Weight)
     assert model.lm_head.wide is None, "the head sees one row per sequence: no bfloat16 copy"
     after = one_shot(model, prompt(6, seed=1))
     assert _cos(before, after) > 0.999
-    model.quantize_int8()                                  # a second call changes nothing
+    model.quantize("int8")                                  # a second call changes nothing
     assert model.embed is model.lm_head
 
 
 def test_weights_cannot_be_loaded_into_a_quantized_model():
     model = random_model(TINY, seed=6)
-    model.quantize_int8()
+    model.quantize("int8")
     with pytest.raises(ValueError, match="before quantizing"):
         model.weight_targets()
 
@@ -104,18 +105,70 @@ def test_weights_cannot_be_loaded_into_a_quantized_model():
 def test_int8_is_refused_for_bfloat16_models_and_gpus():
     model = random_model(TINY, seed=7, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="float32 CPU"):
-        model.quantize_int8()
+        model.quantize("int8")
+    with pytest.raises(ValueError, match="int8 or int4"):
+        model.quantize("int2")
     with pytest.raises(ValueError, match="CPU engine"):
         resolve_weight_format("int8", "cuda:0")
     assert resolve_weight_format("auto", "cuda:0") == "float"
+    assert resolve_weight_format("auto", "cuda:0", source_bits=5) == "float"
+    with pytest.raises(ValueError, match="CPU engine"):
+        resolve_weight_format("int4", "cuda:0")
     assert resolve_weight_format("float", "cpu") == "float"
     with pytest.raises(ValueError, match="one of"):
-        resolve_weight_format("int4", "cpu")
+        resolve_weight_format("int2", "cpu")
 
 
-@pytest.mark.parametrize("value", ["int4", "", 8, None])
+@pytest.mark.parametrize("value", ["int2", "", 8, None])
 def test_bad_weight_format_in_model_toml_names_the_key(value):
     with pytest.raises(ModelLoadFailed) as info:
         LLMOptions.from_section({"weight_format": value})
     assert info.value.param == "llm.weight_format"
     assert "weight_format" in info.value.message
+
+
+def test_int4_keeps_4_bit_groups_exactly():
+    """A matrix that already is 4-bit per group of 32 (as a dequantized GGUF Q4_1 block is:
+    w = d * q + m) comes back unchanged up to bfloat16 rounding of d and m."""
+    gen = torch.Generator().manual_seed(0)
+    o, i = 64, 128
+    q = torch.randint(0, 16, (o, i // INT4_GROUP, INT4_GROUP), generator=gen).float()
+    q[..., 0], q[..., 1] = 0, 15                           # every block spans its full range
+    d = torch.rand(o, i // INT4_GROUP, 1, generator=gen).to(torch.bfloat16).float() * 0.1
+    m = -torch.rand(o, i // INT4_GROUP, 1, generator=gen).to(torch.bfloat16).float()
+    w = (d * q + m).reshape(o, i)
+    packed = Int4Weight(w)
+    assert float((packed.dequantize() - w).abs().max()) <= 2e-2 * float(w.abs().max())
+    x = torch.randn(NARROW_ROWS * 3, i, generator=gen)
+    exact = x @ packed.dequantize().t()
+    narrow = torch.cat([packed(x[j:j + NARROW_ROWS]) for j in range(0, len(x), NARROW_ROWS)])
+    scale = float(exact.abs().max())
+    assert float((narrow - exact).abs().max()) < 0.02 * scale       # the int4 kernel
+    assert float((packed(x) - exact).abs().max()) < 0.02 * scale     # the bfloat16 GEMM
+
+
+def test_int4_model_follows_the_float_model_and_is_smaller_than_int8():
+    ref = random_model(TINY, seed=3)
+    q8, q4 = random_model(TINY, seed=3), random_model(TINY, seed=3)
+    q8.quantize("int8")
+    q4.quantize("int4")
+    assert q4.weight_format == "int4"
+    assert isinstance(q4.layers[0].gate_up, Int4Weight)
+    assert isinstance(q4.lm_head, Int8Weight), "the head stays int8"
+    assert q4.weight_bytes() < q8.weight_bytes()
+    for n in (1, 5, 40):
+        tokens = prompt(n, seed=n)
+        a, b = one_shot(ref, tokens), one_shot(q4, tokens)
+        assert _cos(a, b) > 0.99, n
+    with pytest.raises(ValueError, match="already int4"):
+        q4.quantize("int8")
+
+
+def test_auto_keeps_4_bit_files_4_bit():
+    from engines.llm.quant import cpu_has_fast_bf16
+    if not cpu_has_fast_bf16():
+        assert resolve_weight_format("auto", "cpu", source_bits=5) == "float"
+        return
+    assert resolve_weight_format("auto", "cpu", source_bits=5) == "int4"
+    assert resolve_weight_format("auto", "cpu", source_bits=9) == "int8"
+    assert resolve_weight_format("auto", "cpu") == "int8"
