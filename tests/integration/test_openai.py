@@ -321,7 +321,7 @@ def test_llm_memory_is_reserved_as_measured_not_as_estimated(ferry):
     reserved = {eid: e["memory"]["reserved_bytes"] for eid, e in status["engines"].items()}
     smol = status["models"]["smollm2"]["versions"]["1"]
     extra = smol["info"]["extra"]
-    assert extra["weight_format"] in ("int8", "float")
+    assert extra["weight_format"] in ("int4", "int8", "float")
     kv = extra["kv_blocks"] * extra["block_size"] * 2 * 30 * 3 * 64 * 4   # 30 layers, fp32
     assert extra["memory_bytes"] > kv
     minilm = estimate_bytes(load_spec(ferry.repo / "minilm" / "1", "minilm", 1))
