@@ -1,4 +1,4 @@
-"""Weight-only int8 matrices for the CPU decoder.
+"""Weight-only int8 and int4 matrices for the CPU decoder.
 
 A decode step of a small model on a CPU is bound by reading the weights: SmolLM2-135M moves
 ~540 MB per step in float32. Stored as int8 with one scale per output row it moves ~135 MB, and
@@ -8,9 +8,10 @@ about 3x faster than the float32 GEMV on the 2-core EPYC of benchmarks/RESULTS.m
 
 That kernel does not scale with rows (it is a GEMV per row): from ~16 rows a bfloat16 GEMM
 through oneDNN wins, ~3x at 256 rows. So each matrix keeps a bfloat16 copy for wide steps
-(prefill chunks, big decode batches). The copy is dequantized FROM the int8 values, so both
-paths multiply by the same effective weights and a sequence's tokens do not depend on which
-path its step took beyond bfloat16 accumulation order.
+(prefill chunks, big decode batches), made from the quantized values, so the two paths differ
+only by bfloat16 rounding. That is still enough to break a greedy near-tie differently when the
+same token is computed once by each path (a prefix-cache hit recomputes a prompt's tail in a
+narrow step that a miss computed in a wide one): see README, "weight_format".
 
 Activations stay float32 between matrices (residual stream, norms, RoPE, attention, KV cache);
 only the products run in bfloat16.
