@@ -159,6 +159,12 @@ class BatchRunner:
         """A job was created or an item finished: look for work now rather than at the poll."""
         self._wake.set()
 
+    def pause(self) -> None:
+        """Stop claiming items and starting webhook sends (the process is draining); what runs
+        goes on until `stop`."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop claiming; let webhook sends finish (bounded); cancel running items, which
         stay `running` in the store and run again after the next start."""

@@ -71,7 +71,7 @@ class Database:
         """
         async with self._write_lock:
             try:
-                await self.conn.execute("BEGIN IMMEDIATE")
+                await _settled(self.conn, "BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise _mapped(exc, self.path) from exc
             try:
@@ -80,7 +80,7 @@ class Database:
                 await _rollback(self.conn)
                 raise
             try:
-                await self.conn.execute("COMMIT")
+                await _settled(self.conn, "COMMIT")
             except sqlite3.Error as exc:
                 await _rollback(self.conn)
                 raise _mapped(exc, self.path) from exc
@@ -97,6 +97,19 @@ class Database:
 
     async def close(self) -> None:
         await self.conn.close()
+
+
+async def _settled(conn: aiosqlite.Connection, sql: str) -> None:
+    """Run BEGIN or COMMIT so that a cancelled caller never leaves the connection inside a
+    transaction: aiosqlite runs the statement on its thread whether or not we still await it,
+    so on cancellation wait for it to finish, roll back what it left open, then re-raise."""
+    statement = asyncio.ensure_future(conn.execute(sql))
+    try:
+        await asyncio.shield(statement)
+    except asyncio.CancelledError:
+        await asyncio.wait([statement])
+        await _rollback(conn)
+        raise
 
 
 async def _rollback(conn: aiosqlite.Connection) -> None:

@@ -71,6 +71,7 @@ class RequestLog:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._flush_lock = asyncio.Lock()
+        self._closing = False
         self.dropped = 0
         self.flushes = 0
 
@@ -121,7 +122,7 @@ class RequestLog:
 
     async def _run(self) -> None:
         last_prune = self._clock()
-        while True:
+        while not self._closing:
             try:
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             except TimeoutError:
@@ -136,13 +137,12 @@ class RequestLog:
                 log.warning("request log: write failed, %d rows waiting: %s", self.pending, exc)
 
     async def close(self) -> None:
-        """Stop the background task and write what is left."""
+        """Stop the background task and write what is left. The task is asked to stop, not
+        cancelled: a flush cut off half-way would leave rows unwritten."""
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            self._closing = True
+            self._wake.set()
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         await self.flush()
         if self.dropped:

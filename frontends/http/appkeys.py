@@ -8,7 +8,7 @@ from aiohttp import web
 
 from frontends.dispatch import Dispatcher
 
-__all__ = ["FrontendSettings", "DISPATCHER", "SETTINGS", "request_key"]
+__all__ = ["FrontendSettings", "DISPATCHER", "SETTINGS", "ON_DRAIN", "request_key"]
 
 
 @dataclass(slots=True)
@@ -21,6 +21,9 @@ class FrontendSettings:
 
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 SETTINGS = web.AppKey("settings", FrontendSettings)
+# Called (no arguments) the moment the worker starts draining, before aiohttp's shutdown: for
+# background work that must stop taking new work at once (the batch runner's claims).
+ON_DRAIN = web.AppKey("on_drain", list)
 
 
 def request_key(name: str, kind: type) -> Any:

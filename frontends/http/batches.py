@@ -34,7 +34,7 @@ from daemon.egress import EgressPolicy
 from daemon.errors import FerryError, InvalidInput
 from daemon.state.batches import BatchJob, JobStatus
 from frontends.http.admin import json_object
-from frontends.http.appkeys import DISPATCHER, SETTINGS
+from frontends.http.appkeys import DISPATCHER, ON_DRAIN, SETTINGS
 from frontends.http.security import ACCESS, authorize_model, principal_of
 
 __all__ = ["routes", "setup", "RUNNER"]
@@ -71,6 +71,8 @@ async def _start_runner(app: web.Application) -> None:
                          egress=app[ACCESS].egress)
     await runner.start()
     app[RUNNER] = runner
+    if ON_DRAIN in app:
+        app[ON_DRAIN].append(runner.pause)    # a SIGTERM stops claiming items at once
 
 
 async def _stop_runner(app: web.Application) -> None:

@@ -18,7 +18,7 @@ from daemon.process import init_child, run_until_signalled
 from daemon.shm import Arena, RegionMap, segment_name
 from frontends.dispatch import Dispatcher
 from frontends.http import kserve
-from frontends.http.appkeys import DISPATCHER, SETTINGS, FrontendSettings
+from frontends.http.appkeys import DISPATCHER, ON_DRAIN, SETTINGS, FrontendSettings
 from frontends.http.errors import error_middleware
 
 __all__ = ["create_app", "bind_socket", "run_http"]
@@ -30,6 +30,7 @@ def create_app(dispatcher: Dispatcher, settings: FrontendSettings) -> web.Applic
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body)
     app[DISPATCHER] = dispatcher
     app[SETTINGS] = settings
+    app[ON_DRAIN] = []
     app.add_routes(kserve.routes)
     for extra in ("frontends.http.openai", "frontends.http.ws", "frontends.http.admin",
                   "frontends.http.vision", "frontends.http.metrics",
@@ -80,6 +81,8 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
         log.info("http worker %d serving on %s:%d", args["worker"], args["host"], args["port"])
         await stop.wait()
         log.info("http worker %d draining", args["worker"])
+        for hook in app[ON_DRAIN]:
+            hook()
     finally:
         if runner is not None:
             await runner.cleanup()

@@ -267,7 +267,9 @@ def test_cancel_stops_pending_items(ferry):
 
 
 def test_interrupted_batch_finishes_after_restart_and_webhook_arrives_once(tmp_path):
-    d = SecureDaemon(slow_loop_repo(tmp_path / "repo"), workers=2,
+    # ~60 ms an item here (10 ms or more on fast hardware): 120 take seconds, so the SIGTERM
+    # below lands mid-job; the draining worker stops claiming items at once.
+    d = SecureDaemon(slow_loop_repo(tmp_path / "repo", iterations=600), workers=2,
                      extra_config=AUTH)
     keys = _seed(d)
     d.state(lambda st: st.users.create("root", "a long enough password"))
@@ -283,13 +285,14 @@ def test_interrupted_batch_finishes_after_restart_and_webhook_arrives_once(tmp_p
             assert call(d, "POST", "/v2/models/slow/infer", key=keys["owner"],
                         body=items[i]["body"],
                         headers={"X-Request-ID": f"before-restart-{i}"})[0] == 200
+        logged_by = time.time()
         with Receiver() as hook:
             status, _, job = call(d, "POST", "/v1/batches", key=keys["owner"],
                                   body={"requests": items, "webhook_url": hook.url,
                                         "webhook_secret": "s3cret-for-hmac"})
             assert status == 201, job
-            wait_until(lambda: call(d, "GET", f"/v1/batches/{job['id']}", key=keys["owner"])
-                       [2]["counts"]["done"] >= 3, 60, "the first items", interval=0.01)
+            wait_until(lambda: _done_items(d, job["id"]) >= 3, 60, "the first items",
+                       interval=0.005)
             assert d.stop() == 0                                  # SIGTERM, drain, exit 0
             with sqlite3.connect(d.state_dir / "ferry.db") as db:
                 status_row = db.execute("SELECT status FROM batch_jobs WHERE id = ?",
@@ -314,13 +317,21 @@ def test_interrupted_batch_finishes_after_restart_and_webhook_arrives_once(tmp_p
         assert all(r["response"]["body"]["outputs"][0]["data"][0] == int(r["custom_id"][2:])
                    for r in rows)                               # each item's own result
         # keys, sessions (the JWT secret) and the request log survived the restart too
-        log_rows = call(d, "GET", "/admin/requests?limit=1000", key=token["access_token"])
+        log_rows = call(d, "GET", f"/admin/requests?limit=1000&until={logged_by}",
+                        key=token["access_token"])
         assert log_rows[0] == 200, log_rows
         seen = {r["request_id"] for r in log_rows[2]["data"]}
-        assert {f"before-restart-{i}" for i in range(3)} <= seen
+        assert {f"before-restart-{i}" for i in range(3)} <= seen, d.log()[-6000:]
         log_text = d.log()
         assert all(k not in log_text for k in keys.values())
         assert "s3cret-for-hmac" not in log_text
     finally:
         code = d.stop(check=False)
     assert code == 0
+
+
+def _done_items(d: SecureDaemon, job_id: str) -> int:
+    """Items done, read from the database (no HTTP round trip between the check and SIGTERM)."""
+    with sqlite3.connect(d.state_dir / "ferry.db", timeout=5) as db:
+        return db.execute("SELECT COUNT(*) FROM batch_items WHERE job_id = ? AND "
+                          "status = 'done'", (job_id,)).fetchone()[0]

@@ -216,3 +216,31 @@ def test_statement_splitter_keeps_trigger_bodies_whole():
               "CREATE TRIGGER tr AFTER INSERT ON t BEGIN\n  UPDATE t SET x = ';';\nEND;\n")
     parts = statements(script)
     assert len(parts) == 2 and parts[1].endswith("END;")
+
+
+@async_test
+async def test_a_cancelled_transaction_never_leaves_the_connection_inside_one(tmp_path):
+    """Cancel a writer at every point of BEGIN … COMMIT (a shutdown does this): the next
+    transaction must start cleanly, and each write is either whole or absent."""
+    state = await open_state(tmp_path)
+    db = state.db
+    try:
+        async with db.transaction() as conn:
+            await conn.execute("CREATE TABLE t (x INTEGER)")
+
+        async def write(x: int) -> None:
+            async with db.transaction() as conn:
+                await conn.execute("INSERT INTO t VALUES (?)", (x,))
+
+        for yields in range(12):               # how far the writer gets before it is cancelled
+            task = asyncio.create_task(write(yields))
+            for _ in range(yields):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            assert not db.conn.in_transaction, yields
+            await write(1000 + yields)           # raised "within a transaction" before the fix
+        rows = {r[0] for r in await db.fetchall("SELECT x FROM t")}
+        assert {1000 + y for y in range(12)} <= rows
+    finally:
+        await state.close()

@@ -184,3 +184,23 @@ async def test_stalled_buffer_is_bounded(tmp_path):
     finally:
         await log.close()
         await state.close()
+
+
+def test_close_during_a_flush_writes_every_row(tmp_path):
+    """Shutdown closes the log while its background flush may be mid-transaction: no row may
+    be lost (a cancelled flush used to leave the connection inside a transaction)."""
+    async def main() -> int:
+        state = await open_state(tmp_path)
+        try:
+            for round_ in range(20):
+                for i in range(50):
+                    state.requests.append(f"r{round_}-{i}", key_id=None, model=None,
+                                          route="GET /x", status=200)
+                state.requests._wake.set()                 # a flush starts in the background
+                await asyncio.sleep(0)
+            await state.requests.close()
+            rows = await state.db.fetchall("SELECT COUNT(*) AS n FROM request_log")
+            return rows[0]["n"]
+        finally:
+            await state.db.close()
+    assert asyncio.run(main()) == 20 * 50
