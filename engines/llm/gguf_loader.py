@@ -18,12 +18,14 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
 
 from engines.llm.config import SUPPORTED_ARCHITECTURES, LlamaConfig, ModelLoadFailed
+
+if TYPE_CHECKING:      # torch is imported where tensors are made: the HTTP workers read only
+    import torch      # the tokenizer from GGUF files and need not pay ~1.5 s and ~200 MB for it
 
 __all__ = ["GGUFFile", "GGUFTensor", "read_gguf", "open_gguf"]
 
@@ -262,6 +264,8 @@ def _loader_name(gguf_name: str) -> str | None:
 
 
 def _tensors(gf: GGUFFile, cfg: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    import torch
+
     permuted = cfg.arch in _PERMUTED
     for tensor in gf.tensors.values():
         if tensor.name == "rope_freqs.weight":

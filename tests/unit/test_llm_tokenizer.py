@@ -190,3 +190,20 @@ def test_bad_tokenizer_files(tmp_path):
         Tokenizer.from_gguf(tmp_path / "x.gguf")
     with pytest.raises(ModelLoadFailed, match="not found"):
         Tokenizer.from_gguf(tmp_path / "absent.gguf")
+
+
+@needs_model
+def test_http_worker_code_reads_the_gguf_tokenizer_without_importing_torch():
+    """HTTP workers load LLM tokenizers from GGUF files; importing torch there would cost each
+    worker ~1.5 s of start-up and ~200 MB of memory for nothing."""
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "import frontends.http.server, frontends.http.openai, frontends.http.ws\n"
+            "from engines.llm.tokenizer import Tokenizer\n"
+            f"tok = Tokenizer.from_gguf({str(GGUF)!r})\n"
+            "assert tok.encode('Paris') and 'torch' not in sys.modules, sorted(\n"
+            "    m for m in sys.modules if m.startswith('torch'))[:5]\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
