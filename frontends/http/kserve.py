@@ -149,12 +149,7 @@ async def shm_status(request: web.Request) -> web.Response:
 
 @routes.post("/v2/systemsharedmemory/region/{region}/register")
 async def shm_register(request: web.Request) -> web.Response:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise InvalidInput("request body is not valid JSON", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("request body must be a JSON object", code="invalid_json")
+    body = await _json_object(request)
     key, offset, size = body.get("key"), body.get("offset", 0), body.get("byte_size")
     if not isinstance(key, str) or not isinstance(offset, int) or not isinstance(size, int) \
             or max(abs(offset), abs(size)) >= 2**63:      # the control message's msgpack ints
@@ -188,12 +183,7 @@ async def cuda_shm_status(request: web.Request) -> web.Response:
 
 @routes.post("/v2/cudasharedmemory/region/{region}/register")
 async def cuda_shm_register(request: web.Request) -> web.Response:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise InvalidInput("request body is not valid JSON", code="invalid_json") from None
-    if not isinstance(body, dict):
-        body = {}
+    body = await _json_object(request)
     handle, device, size = body.get("raw_handle"), body.get("device_id"), body.get("byte_size")
     b64 = handle.get("b64") if isinstance(handle, dict) else None
     if not isinstance(b64, str) or not isinstance(device, int) or not _is_int(device) \
@@ -216,6 +206,16 @@ async def cuda_shm_register(request: web.Request) -> web.Response:
 @routes.post("/v2/cudasharedmemory/region/{region}/unregister")
 async def cuda_shm_unregister(request: web.Request) -> web.Response:
     return web.json_response({})         # none is ever registered
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise InvalidInput("request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object", code="invalid_json")
+    return body
 
 
 def _is_int(value: object) -> bool:
