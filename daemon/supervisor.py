@@ -554,9 +554,14 @@ class Supervisor:
         try:
             if self.config_path:
                 new = load_config(self.config_path)
-                check_exposure(new)
+                # Only the live settings change: a child restarted later must not pick up a new
+                # port or path that the rest of the daemon does not use yet.
+                effective = dataclasses.replace(
+                    self.cfg, repository=new.repository, auth=dataclasses.replace(
+                        self.cfg.auth, **{k: getattr(new.auth, k) for k in _LIVE_AUTH}))
+                check_exposure(effective)
                 _log_restart_only_changes(self.cfg, new)
-                self.cfg = new
+                self.cfg = effective
                 self.publish()
             result = await self.apply_repository()
             log.info("reloaded: %s", result)
@@ -614,16 +619,16 @@ class Supervisor:
         return await handle_control(self, op, args)
 
 
-_LIVE = {"repository": None, "auth": {"required", "allow_ips", "webhook_allow_cidrs"}}
+_LIVE_AUTH = ("required", "allow_ips", "webhook_allow_cidrs")   # [repository] is live too
 
 
 def _log_restart_only_changes(old: Config, new: Config) -> None:
     """Warn about reloaded settings that only a restart applies (listen address, paths, …)."""
     for section in dataclasses.fields(Config):
-        before, after = getattr(old, section.name), getattr(new, section.name)
-        live = _LIVE.get(section.name, set())
-        if live is None:
+        if section.name == "repository":
             continue
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        live = _LIVE_AUTH if section.name == "auth" else ()
         for f in dataclasses.fields(before):
             if f.name not in live and getattr(before, f.name) != getattr(after, f.name):
                 log.warning("reload: %s.%s changed; it applies at the next restart",
