@@ -3,7 +3,6 @@ provider's answers, for the demo models, through the same dynamic batcher."""
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from daemon.errors import InvalidInput
 from daemon.repository_spec import load_spec
 from engines.base import TensorRequest, TensorResult
 from engines.onnx.engine import OnnxEngine
+from tests.engine_steps import drain as drain_steps
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,13 +28,8 @@ SENTENCES = ["Hello!", "The quick brown fox jumps over the lazy dog.",
              "A longer passage " + "about latency on bare-metal inference hosts " * 12, "短い文"]
 
 
-def drain(engine: OnnxEngine, timeout: float = 60.0) -> dict[str, TensorResult]:
-    results, deadline = {}, time.monotonic() + timeout
-    while engine.has_work():
-        if time.monotonic() > deadline:
-            raise TimeoutError("engine did not finish")
-        results.update((r.id, r) for r in engine.step())
-    return results
+def drain(engine, timeout: float = 60.0) -> dict:
+    return drain_steps(engine, timeout)
 
 
 def load(version_dir: Path, device: str) -> OnnxEngine:

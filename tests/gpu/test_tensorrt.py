@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,12 @@ import pytest
 from daemon import demo
 from daemon.errors import FerryError, InvalidInput
 from daemon.repository_spec import load_spec
-from engines.base import ModelInfo, TensorRequest, TensorResult
+from engines.base import ModelInfo, TensorRequest
 from engines.onnx.engine import OnnxEngine
 from engines.tensor_engine import TensorEngine
 from engines.tensorrt.build import CACHE_DIR, cache_dir_name
 from engines.tensorrt.engine import TensorRTEngine
+from tests.engine_steps import drain as drain_steps
 
 pytestmark = [
     pytest.mark.gpu,
@@ -50,13 +50,8 @@ preferred_batch_sizes = [8]
 ATOL = 5e-3
 
 
-def drain(engine: TensorEngine, timeout: float = 60.0) -> dict[str, TensorResult]:
-    results, deadline = {}, time.monotonic() + timeout
-    while engine.has_work():
-        if time.monotonic() > deadline:
-            raise TimeoutError("engine did not finish")
-        results.update((r.id, r) for r in engine.step())
-    return results
+def drain(engine, timeout: float = 60.0) -> dict:
+    return drain_steps(engine, timeout)
 
 
 def version(root: Path, toml: str, files: dict[str, Path]) -> Path:

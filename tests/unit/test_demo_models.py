@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 import tomllib
 from pathlib import Path
 
@@ -12,8 +11,9 @@ import pytest
 
 from daemon import demo
 from daemon.repository_spec import load_spec
-from engines.base import TensorRequest, TensorResult
+from engines.base import TensorRequest
 from engines.onnx.engine import OnnxEngine
+from tests.engine_steps import drain as drain_steps
 
 SENTENCES = [
     "Hello!",
@@ -24,13 +24,8 @@ SENTENCES = [
 ]
 
 
-def drain(engine: OnnxEngine, timeout: float = 30.0) -> dict[str, TensorResult]:
-    results, deadline = {}, time.monotonic() + timeout
-    while engine.has_work():
-        if time.monotonic() > deadline:
-            raise TimeoutError("engine did not finish")
-        results.update((r.id, r) for r in engine.step())
-    return results
+def drain(engine, timeout: float = 30.0) -> dict:
+    return drain_steps(engine, timeout)
 
 
 def load(repo: Path, name: str) -> OnnxEngine:

@@ -11,8 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from daemon.errors import FerryError, InvalidInput
 from daemon.repository_spec import load_spec
-from engines.base import TensorRequest, TensorResult
+from engines.base import TensorRequest
 from engines.onnx.engine import OnnxEngine, select_providers, session_options
+from tests.engine_steps import drain
 
 SCALE_TOML = """engine = "onnx"
 max_batch_size = 16
@@ -76,15 +77,6 @@ def scale_req(rid: str, rows: int = 1, seq: int = 4, seed: int = 0) -> TensorReq
     x = np.random.default_rng(seed).standard_normal((rows, seq)).astype(np.float32)
     return TensorRequest(rid, {"x": x, "mask": np.ones((rows, seq), np.int64)})
 
-
-def drain(engine: OnnxEngine, timeout: float = 5.0) -> dict[str, TensorResult]:
-    """Step until the engine is idle (polling with a deadline, never sleeping)."""
-    results, deadline = {}, time.monotonic() + timeout
-    while engine.has_work():
-        if time.monotonic() > deadline:
-            raise TimeoutError("engine did not finish")
-        results.update((r.id, r) for r in engine.step())
-    return results
 
 
 def test_load_infers_tensors_from_the_graph(tmp_path):

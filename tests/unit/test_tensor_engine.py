@@ -3,7 +3,6 @@ for the GPU one: the hooks TensorRT relies on (per-input limits, errors raised w
 behave as OnnxEngine's tests expect of the whole."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from daemon.errors import InvalidInput
 from daemon.repository_spec import load_spec
 from engines.base import ModelInfo, ModelSpec, TensorRequest, TensorSpec
 from engines.tensor_engine import TensorEngine
+from tests.engine_steps import drain
 
 
 class NumpyEngine(TensorEngine):
@@ -63,14 +63,6 @@ def engine(tmp_path) -> NumpyEngine:
     e.load(load_spec(d, "m", 1), "cpu")
     return e
 
-
-def drain(engine: TensorEngine, timeout: float = 5.0) -> dict:
-    results, deadline = {}, time.monotonic() + timeout
-    while engine.has_work():
-        if time.monotonic() > deadline:
-            raise TimeoutError("engine did not finish")
-        results.update((r.id, r) for r in engine.step())
-    return results
 
 
 def test_warm_up_runs_at_the_runtime_chosen_shape(engine):
