@@ -25,13 +25,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, dict]:
+def request_json(req: urllib.request.Request | str, timeout: float) -> tuple[int, dict]:
+    """(status, JSON body) of one request; error statuses are answers, not exceptions."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
         body = exc.read()
         return exc.code, json.loads(body) if body else {}
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, dict]:
+    return request_json(url, timeout)
 
 
 def wait_until(cond, timeout_s: float, what: str, interval: float = 0.05):
@@ -117,12 +122,17 @@ format = "json"
         # ipc:// paths must stay under 107 bytes: keep the runtime dir short.
         self.base = Path(tempfile.mkdtemp(prefix="fy", dir="/tmp"))
         self.port = self.port or free_port()
+        return self._launch(timeout_s, log_mode="wb")
+
+    def _launch(self, timeout_s: float, log_mode: str) -> Daemon:
+        """`ferry serve` on this base directory, as a user runs it; returns once ready."""
+        assert self.base is not None
         self.write_config()
         self.log_path = self.base / "ferry.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "serve", "--config", str(self.config_path)],
-            cwd=REPO, env=env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
+            cwd=REPO, env=env, stdout=open(self.log_path, log_mode), stderr=subprocess.STDOUT)
         try:
             wait_until(lambda: self._ready_or_dead(), timeout_s, "the daemon to become ready",
                        interval=0.1)

@@ -2,11 +2,11 @@
 client would (file names with `../`, empty parts, missing fields), and a urllib POST."""
 from __future__ import annotations
 
-import json
-import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
+
+from tests.integration.daemon_proc import request_json
 
 
 @dataclass
@@ -38,12 +38,7 @@ def post(url: str, body: bytes, content_type: str | None, timeout: float = 60.0,
         req.add_header("Authorization", f"Bearer {key}")
     if content_type is not None:
         req.add_header("Content-Type", content_type)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        return exc.code, json.loads(raw) if raw else {}
+    return request_json(req, timeout)
 
 
 def post_form(url: str, parts: list[Part], timeout: float = 60.0, key: str | None = None
@@ -55,9 +50,4 @@ def get(url: str, key: str | None = None, timeout: float = 10.0) -> tuple[int, d
     req = urllib.request.Request(url)
     if key is not None:
         req.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        return exc.code, json.loads(raw) if raw else {}
+    return request_json(req, timeout)

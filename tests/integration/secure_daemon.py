@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -13,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.integration.daemon_proc import REPO, Daemon, free_port, wait_until
+from tests.integration.daemon_proc import REPO, Daemon, free_port
 
 
 @dataclass
@@ -41,20 +40,7 @@ class SecureDaemon(Daemon):
 
     def start(self, timeout_s: float = 120.0) -> SecureDaemon:
         self.prepare()
-        self.write_config()
-        self.log_path = self.base / "ferry.log"       # appended to across restarts
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(self.config_path)],
-            cwd=REPO, env=env, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
-        try:
-            wait_until(self._ready_or_dead, timeout_s, "the daemon to become ready",
-                       interval=0.1)
-        except Exception:
-            self.stop(check=False)
-            raise
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"ferry serve exited with {self.proc.returncode}:\n{self.log()}")
+        self._launch(timeout_s, log_mode="ab")        # one log across restarts
         return self
 
     def cli(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
