@@ -40,3 +40,16 @@ def demo_models() -> Path:
     root = base / key
     prepare_demo_models(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny tensors (`pytest.mark.usefixtures("one_torch_thread")`): intra-op
+    threads gain nothing there, and on a busy host two threads stall on each other at every
+    op. Restores the process setting afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,22 +18,12 @@ from engines.llm.engine import THREADS_ENV, LLMEngine, LLMOptions
 from engines.llm.model import random_model
 from engines.llm.sampling import SamplingParams
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread")]
 
 CFG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_eps=1e-5,
                   max_context=256, tie_embeddings=False, bos_id=1, eos_ids=(127,))
 BLOCK_BYTES = 2 * CFG.num_layers * 4 * CFG.num_kv_heads * CFG.head_dim * 4   # block_size 4, fp32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy host two threads stall
-    on each other at every op; restore the process setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,7 @@ import torch
 from daemon.errors import InvalidInput
 from engines.llm.sampling import Sampler, SamplingParams
 
-pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy host two threads stall
-    on each other at every op; restore the process setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @dataclass
