@@ -22,8 +22,8 @@ from torch import nn
 
 from engines.llm.config import LlamaConfig, ModelLoadFailed
 from engines.llm.kv_cache import AttentionMetadata, DecodeGroup, PagedKVCache, PrefillSeq
-from engines.llm.quant import (Int4Weight, Int8Weight, int4_supported, linear,
-                               resolve_weight_format)
+from engines.llm.quant import (Int4Weight, Int8Weight, QuantizedWeight, int4_supported,
+                               linear, resolve_weight_format)
 
 __all__ = ["ForwardBatch", "LlamaModel", "load_model", "random_model"]
 
@@ -241,7 +241,7 @@ class LlamaModel(nn.Module):
         total = 0
         for module in self.modules():
             for value in list(module.__dict__.values()) + list(module._parameters.values()):
-                if isinstance(value, (Int8Weight, Int4Weight)) and id(value) not in seen:
+                if isinstance(value, QuantizedWeight) and id(value) not in seen:
                     seen.add(id(value))
                     total += value.nbytes()
                 elif isinstance(value, torch.Tensor) and id(value) not in seen:
@@ -260,12 +260,13 @@ class LlamaModel(nn.Module):
             targets["lm_head"] = cast(torch.Tensor, self.lm_head).data
         for n, layer in enumerate(cast("list[DecoderLayer]", list(self.layers))):
             p = f"layers.{n}."
+            qkv, o_proj, gate_up, down = (cast(torch.Tensor, getattr(layer, m)).data
+                                          for m in _MATRICES)   # float until quantize()
             targets.update({
                 p + "attn_norm": layer.attn_norm.data, p + "ffn_norm": layer.ffn_norm.data,
-                p + "q": layer.qkv.data[:q], p + "k": layer.qkv.data[q:q + kv],
-                p + "v": layer.qkv.data[q + kv:], p + "o": layer.o_proj.data,
-                p + "gate": layer.gate_up.data[:i], p + "up": layer.gate_up.data[i:],
-                p + "down": layer.down.data,
+                p + "q": qkv[:q], p + "k": qkv[q:q + kv], p + "v": qkv[q + kv:],
+                p + "o": o_proj, p + "gate": gate_up[:i], p + "up": gate_up[i:],
+                p + "down": down,
             })
             if layer.qkv_bias is not None:
                 bias = layer.qkv_bias.data

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Int4Weight", "Int8Weight", "WEIGHT_FORMATS", "cpu_has_fast_bf16",
+__all__ = ["Int4Weight", "Int8Weight", "QuantizedWeight", "WEIGHT_FORMATS", "cpu_has_fast_bf16",
            "int4_supported", "int8_available", "linear", "resolve_weight_format"]
 
 WEIGHT_FORMATS = ("auto", "float", "int8", "int4")
@@ -39,10 +39,32 @@ NARROW_ROWS = 8          # up to this many rows the int8 GEMV beats the bfloat16
 INT4_GROUP = 32          # values per scale/zero pair: a GGUF Q4 block
 
 
-class Int8Weight:
+class QuantizedWeight:
+    """A matrix whose narrow products (up to NARROW_ROWS rows) run on a low-bit kernel and wider
+    ones on a bfloat16 GEMM over `wide` (None: always the kernel), activations in bfloat16."""
+
+    __slots__ = ("wide",)
+    wide: torch.Tensor | None
+
+    def _narrow(self, xb: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)                                        # [T, I]
+        if x.shape[0] <= NARROW_ROWS or self.wide is None:
+            y = self._narrow(xb)                                         # [T, O]
+        else:
+            y = F.linear(xb, self.wide)
+        return y.to(x.dtype)
+
+
+class Int8Weight(QuantizedWeight):
     """An [out, in] matrix as int8 rows with bfloat16 scales, plus an optional bfloat16 copy."""
 
-    __slots__ = ("q", "scale", "wide")
+    __slots__ = ("q", "scale")
 
     def __init__(self, weight: torch.Tensor, keep_wide: bool = True) -> None:
         w = weight.detach().float()                                      # [O, I]
@@ -67,20 +89,16 @@ class Int8Weight:
         wide = self.wide.numel() * 2 if self.wide is not None else 0
         return self.q.numel() + self.scale.numel() * 2 + wide
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xb = x.to(torch.bfloat16)                                        # [T, I]
-        if x.shape[0] <= NARROW_ROWS or self.wide is None:
-            y = torch._weight_int8pack_mm(xb, self.q, self.scale)        # [T, O]
-        else:
-            y = F.linear(xb, self.wide)
-        return y.to(x.dtype)
+    def _narrow(self, xb: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(xb, self.q, self.scale)
 
 
-class Int4Weight:
+class Int4Weight(QuantizedWeight):
     """An [out, in] matrix as 4-bit groups packed for `_weight_int4pack_mm_for_cpu`, plus a
     bfloat16 copy (of the 4-bit values, so both paths use the same weights) for wide steps."""
 
-    __slots__ = ("packed", "scales_zeros", "wide")
+    __slots__ = ("packed", "scales_zeros")
+    wide: torch.Tensor
 
     def __init__(self, weight: torch.Tensor) -> None:
         w = weight.detach().float()                                      # [O, I]
@@ -109,14 +127,8 @@ class Int4Weight:
         return (self.packed.numel() * self.packed.element_size()
                 + self.scales_zeros.numel() * 2 + self.wide.numel() * 2)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xb = x.to(torch.bfloat16)                                        # [T, I]
-        if x.shape[0] <= NARROW_ROWS:
-            y = torch._weight_int4pack_mm_for_cpu(xb, self.packed, INT4_GROUP,
-                                                  self.scales_zeros)     # [T, O]
-        else:
-            y = F.linear(xb, self.wide)
-        return y.to(x.dtype)
+    def _narrow(self, xb: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(xb, self.packed, INT4_GROUP, self.scales_zeros)
 
 
 def int4_supported(shape: tuple[int, ...] | torch.Size) -> bool:
@@ -125,10 +137,10 @@ def int4_supported(shape: tuple[int, ...] | torch.Size) -> bool:
             and shape[1] % (2 * INT4_GROUP) == 0 and shape[0] % 16 == 0)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight | Int4Weight,
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear over any weight format."""
-    if isinstance(weight, (Int8Weight, Int4Weight)):
+    if isinstance(weight, QuantizedWeight):
         y = weight(x)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
