@@ -33,8 +33,6 @@ class DestinationRefused(OSError):
 
 
 def _why_refused(addr: IpAddress) -> str | None:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
     for test, what in ((addr.is_loopback, "loopback"), (addr.is_link_local, "link-local"),
                        (addr.is_multicast, "multicast"), (addr.is_unspecified, "unspecified"),
                        (addr.is_reserved, "reserved"), (addr.is_private, "private")):
@@ -54,12 +52,14 @@ class EgressPolicy:
     def refusal(self, ip: str) -> str | None:
         """Why `ip` may not be reached, or None when it may."""
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        if any(addr in net for net in self.allow):
+        # A dual-stack form (::ffff:a.b.c.d) is judged as the IPv4 address it carries, and an
+        # allow-list may name either form.
+        forms: list[IpAddress] = [addr]
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            forms.append(addr.ipv4_mapped)
+        if any(a in net for a in forms for net in self.allow):
             return None
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None \
-                and any(addr.ipv4_mapped in net for net in self.allow):
-            return None
-        why = _why_refused(addr)
+        why = _why_refused(forms[-1])
         return None if why is None else f"{ip} is a {why} address"
 
     async def check_url(self, url: str, *, resolve: bool = True) -> None:

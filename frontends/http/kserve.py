@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeGuard
 
 from aiohttp import web
 
@@ -186,8 +186,8 @@ async def cuda_shm_register(request: web.Request) -> web.Response:
     body = await _json_object(request)
     handle, device, size = body.get("raw_handle"), body.get("device_id"), body.get("byte_size")
     b64 = handle.get("b64") if isinstance(handle, dict) else None
-    if not isinstance(b64, str) or not isinstance(device, int) or not _is_int(device) \
-            or device < 0 or not isinstance(size, int) or not _is_int(size) or size <= 0:
+    if not isinstance(b64, str) or not _is_int(device) or device < 0 \
+            or not _is_int(size) or size <= 0:
         raise InvalidInput("'raw_handle' ({\"b64\": string}), 'device_id' (integer >= 0) and "
                            "'byte_size' (integer > 0) are required", code="shm_bad_region")
     pl = request.app[DISPATCHER].placement
@@ -218,7 +218,8 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
+    """An integer (not a bool) that fits the control messages' 64-bit msgpack ints."""
     return isinstance(value, int) and not isinstance(value, bool) and value < 2**63
 
 
