@@ -185,15 +185,18 @@ engine = "onnx"
 weights = "model.onnx"
 max_batch_size = 32
 
+# The graph's sequence axis is dynamic, but BERT has 512 position embeddings.
 [[inputs]]
 name = "input_ids"
 dtype = "int64"
 shape = [-1, -1]
+max_shape = [-1, 512]
 
 [[inputs]]
 name = "attention_mask"
 dtype = "int64"
 shape = [-1, -1]
+max_shape = [-1, 512]
 
 [[outputs]]
 name = "embeddings"

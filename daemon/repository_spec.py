@@ -139,11 +139,17 @@ def _tensors(raw: dict[str, Any], key: str) -> tuple[TensorSpec, ...]:
         if not isinstance(shape, list) or not all(_is_int(d) and d >= -1 for d in shape):
             raise _error(f"{where}.shape must be a list of integers (-1: dynamic)",
                          f"{where}.shape")
-        unknown = set(item) - {"name", "dtype", "shape"}
+        max_shape = item.get("max_shape")
+        if max_shape is not None and (not isinstance(max_shape, list) or len(max_shape) != len(
+                shape) or not all(_is_int(d) and (d == -1 or d > 0) for d in max_shape)):
+            raise _error(f"{where}.max_shape must list one bound (> 0, or -1: none) per dim of "
+                         "shape", f"{where}.max_shape")
+        unknown = set(item) - {"name", "dtype", "shape", "max_shape"}
         if unknown:
             raise _error(f"{where} has unknown keys {sorted(unknown)}", where)
         seen.add(name)
-        specs.append(TensorSpec(name=name, dtype=dtype, shape=tuple(shape)))
+        specs.append(TensorSpec(name=name, dtype=dtype, shape=tuple(shape),
+                                max_shape=tuple(max_shape) if max_shape else None))
     return tuple(specs)
 
 

@@ -25,6 +25,9 @@ class TensorSpec:
     name: str
     dtype: str                      # numpy dtype name: "float32", "int64", ...
     shape: tuple[int, ...]          # -1 marks a dynamic dimension (the batch dim included)
+    # Upper bounds of dynamic dims that the graph cannot state (MiniLM's 512 positions); -1 or
+    # None: unbounded. A longer input would otherwise fail deep inside the runtime.
+    max_shape: tuple[int, ...] | None = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -206,6 +206,11 @@ class TensorEngine(Engine):
                 raise InvalidInput(f"input {name!r} must have shape {list(spec.shape)} (-1: any "
                                    f"size > 0), got {list(arr.shape)}", code="invalid_shape",
                                    param=name)
+            if spec.max_shape is not None and any(
+                    0 < bound < got for bound, got in zip(spec.max_shape, arr.shape)):
+                raise InvalidInput(f"input {name!r} has shape {list(arr.shape)}; the model takes "
+                                   f"at most {list(spec.max_shape)} (-1: any)",
+                                   code="invalid_shape", param=name)
             self._check_input(name, arr)
             # Axes sharing a symbolic name (batch, sequence) must agree across inputs.
             for axis, dim in enumerate(self._dim_names.get(name, ())):
@@ -278,7 +283,7 @@ def merge_declared(graph: dict[str, TensorSpec], declared: tuple[TensorSpec, ...
                              f"{list(spec.shape)}, the graph has {have.dtype} {list(have.shape)}")
         # Keep whichever side fixes a dim: the declaration may narrow a dynamic graph dim.
         shape = tuple(g if d == -1 else d for g, d in zip(have.shape, spec.shape))
-        merged[spec.name] = TensorSpec(spec.name, spec.dtype, shape)
+        merged[spec.name] = TensorSpec(spec.name, spec.dtype, shape, spec.max_shape)
     return merged
 
 

@@ -17,7 +17,6 @@ authenticator's 2 s cache.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ from aiohttp import web
 
 from daemon.cli_tokens import parse_expiry
 from daemon.errors import FerryError, InvalidInput, Unauthorized
+from frontends.http.json_body import decode_json
 from frontends.http.security import ACCESS, client_ip
 
 __all__ = ["routes", "setup", "json_object", "parse_time"]
@@ -49,10 +49,7 @@ def setup(app: web.Application) -> None:
 async def json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object (any content type: curl's default form type included)."""
     raw = await request.read()
-    try:
-        body = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidInput("the request body is not valid JSON", code="invalid_json") from None
+    body = decode_json(raw) if raw else None
     if not isinstance(body, dict):
         raise InvalidInput("the request body must be a JSON object", code="invalid_json")
     return body

@@ -35,6 +35,7 @@ from daemon.errors import FerryError, InvalidInput
 from daemon.state.batches import BatchJob, JobStatus
 from frontends.http.admin import json_object
 from frontends.http.appkeys import DISPATCHER, ON_DRAIN, SETTINGS
+from frontends.http.json_body import decode_json
 from frontends.http.security import ACCESS, authorize_model, principal_of
 
 __all__ = ["routes", "setup", "RUNNER"]
@@ -131,9 +132,9 @@ def _jsonl(raw: bytes) -> list[Any]:
         if not line.strip():
             continue
         try:
-            lines.append(json.loads(line))
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidInput(f"line {n} is not valid JSON", code="invalid_json") from None
+            lines.append(decode_json(line))
+        except InvalidInput as exc:
+            raise InvalidInput(f"line {n}: {exc.message}", code=exc.code) from None
     return lines
 
 

@@ -9,6 +9,7 @@ from aiohttp import web
 from daemon.errors import FerryError, InvalidInput, ModelNotFound, UnsupportedMediaType
 from frontends.http.appkeys import DISPATCHER, SETTINGS
 from frontends.http.errors import request_id_of
+from frontends.http.json_body import decode_json
 from frontends.http.kserve_codec import NUMPY_TO_KSERVE, encode_outputs, parse_infer
 
 __all__ = ["routes", "SERVER_EXTENSIONS"]
@@ -209,10 +210,7 @@ async def cuda_shm_unregister(request: web.Request) -> web.Response:
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise InvalidInput("request body is not valid JSON", code="invalid_json") from None
+    body = decode_json(await request.read())
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object", code="invalid_json")
     return body

@@ -29,6 +29,7 @@ from daemon import __version__
 from daemon.errors import ContextLengthExceeded, FerryError, InvalidInput, UnsupportedMediaType
 from frontends.http.appkeys import DISPATCHER, SETTINGS
 from frontends.http.errors import error_body, request_id_of
+from frontends.http.json_body import decode_json
 from frontends.http.openai_schema import (GenParams, parse_chat, parse_completion,
                                           parse_embeddings)
 from frontends.http.sse import SSEResponse, until_disconnect
@@ -54,12 +55,7 @@ async def read_json(request: web.Request) -> Any:
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise UnsupportedMediaType(f"content type {ctype!r} is not accepted; send "
                                    "'Content-Type: application/json'")
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc}",
-                           code="invalid_json") from None
+    return decode_json(await request.read())
 
 
 # -- models -------------------------------------------------------------------------------------

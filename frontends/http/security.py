@@ -44,10 +44,11 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from daemon.auth import Principal, credential_from_headers
-from daemon.errors import FerryError, Forbidden, RateLimited, Unauthorized
+from daemon.errors import FerryError, Forbidden, InvalidInput, RateLimited, Unauthorized
 from frontends.access import Access, AccessSettings, Admission
 from frontends.http.appkeys import DISPATCHER, SETTINGS, request_key
 from frontends.http.errors import error_body, error_response, request_id_of
+from frontends.http.json_body import decode_json
 from frontends.http.textgen import USAGE
 
 __all__ = ["ACCESS", "Policy", "policy_for", "install", "security_middleware",
@@ -229,8 +230,8 @@ async def _body_model(request: web.Request) -> str | None:
     if not request.can_read_body or request.content_type.startswith("multipart/"):
         return None
     try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
+        body = decode_json(await request.read())
+    except InvalidInput:
         return None               # the handler answers the malformed body
     model = body.get("model") if isinstance(body, dict) else None
     return model if isinstance(model, str) else None

@@ -124,6 +124,10 @@ BAD = [
      "inputs[1].name 'x' is declared twice"),
     ('engine = "onnx"\n[[inputs]]\nname = "x"\ndtype = "int64"\nshape = [1]\ndims = [1]\n',
      "inputs[0] has unknown keys"),
+    ('engine = "onnx"\n[[inputs]]\nname = "x"\ndtype = "int64"\nshape = [-1]\n'
+     'max_shape = [4, 4]\n', "inputs[0].max_shape must list one bound"),
+    ('engine = "onnx"\n[[inputs]]\nname = "x"\ndtype = "int64"\nshape = [-1]\n'
+     'max_shape = [0]\n', "inputs[0].max_shape must list one bound"),
     ('engine = "onnx"\n[tokenizer]\nfile = "tok.json"\n', "tokenizer.file 'tok.json' not found"),
     ('engine = "onnx"\n[tokenizer]\nfile = "model.onnx"\nmax_length = 0\n',
      "tokenizer.max_length must be a positive integer"),

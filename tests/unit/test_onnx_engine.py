@@ -228,6 +228,17 @@ def test_declared_fixed_dims_are_enforced(tmp_path):
     assert err.value.code == "invalid_shape" and "[-1, 4]" in err.value.message
 
 
+def test_declared_bounds_of_dynamic_dims_are_enforced(tmp_path):
+    # A graph longer than its bound would fail deep in onnxruntime (MiniLM past 512 positions).
+    engine = make_engine(tmp_path, scale_model(), SCALE_TOML.format(delay=0) + (
+        '[[inputs]]\nname = "x"\ndtype = "float32"\nshape = [-1, -1]\nmax_shape = [-1, 8]\n'))
+    assert engine.submit(scale_req("ok", rows=3, seq=8)) is None
+    with pytest.raises(InvalidInput) as err:
+        engine.submit(scale_req("long", seq=9))
+    assert (err.value.code, err.value.param) == ("invalid_shape", "x")
+    assert "at most [-1, 8]" in err.value.message
+
+
 @pytest.mark.parametrize("model, toml, fragment", [
     (b"\x08\x01garbage-not-a-model", 'engine = "onnx"\n', "cannot load"),
     (gather_model(batch=1), 'engine = "onnx"\nmax_batch_size = 4\n', "dynamic first dimension"),
