@@ -71,6 +71,7 @@ class RepositoryConfig:
 class ShmConfig:
     arena_mb: int = 256
     inline_threshold_kb: int = 64
+    max_regions: int = 64          # client regions registered at once (each maps in every process)
 
 
 @dataclass(slots=True, frozen=True)
@@ -230,6 +231,8 @@ def _validate(cfg: Config) -> None:
                           "patterns (\"*\" for all)")
     if cfg.shm.arena_mb < 1:
         raise ConfigError("shm.arena_mb", "must be at least 1")
+    if not 0 <= cfg.shm.max_regions <= 4096:
+        raise ConfigError("shm.max_regions", "must be between 0 and 4096")
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise ConfigError("logging.level", "must be debug, info, warning, error or critical")
     if cfg.logging.format not in ("json", "text"):

@@ -105,6 +105,10 @@ async def _register_region(sup: Supervisor, args: dict[str, Any]) -> dict[str, A
                            code="shm_bad_region")
     if name in sup.regions:
         raise InvalidInput(f"region {name!r} is already registered", code="shm_region_exists")
+    if len(sup.regions) >= sup.cfg.shm.max_regions:
+        raise FerryError(f"{len(sup.regions)} shared-memory regions are registered, the most "
+                         f"shm.max_regions allows; unregister one first",
+                         code="shm_too_many_regions", status=429)
     done = []
     try:
         for eid in sup._alive_engines():

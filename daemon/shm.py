@@ -17,6 +17,7 @@ import logging
 import mmap
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,7 @@ class Arena:
         with self._lock:
             size = self._used.pop(offset, None)
             if size is None:
-                raise InvalidInput(f"offset {offset} is not an allocated block of {self.name}",
+                raise InvalidInput(f"offset {offset} is not an allocated block of this arena",
                                    code="shm_bad_free")
             self._used_total -= size
             i = bisect.bisect_left(self._free_offsets, offset)
@@ -190,12 +191,17 @@ class RegionMap:
 
     def _map(self, name: str, key: str, offset: int, nbytes: int | None) -> Region:
         try:
-            fd = os.open(SHM_DIR / key, os.O_RDWR)
+            # O_NOFOLLOW: a client's key must not lead through a symlink to another file
+            fd = os.open(SHM_DIR / key, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
             raise InvalidInput(f"shared-memory segment {key!r} cannot be opened: "
                                f"{exc.strerror}", code="shm_bad_region") from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):   # a FIFO, device or directory is no segment
+                raise InvalidInput(f"shared-memory segment {key!r} is not a regular file",
+                                   code="shm_bad_region")
+            size = st.st_size
             if nbytes is None:
                 nbytes = size - offset
             if size == 0 or offset + nbytes > size:
@@ -223,6 +229,21 @@ class RegionMap:
     def status(self) -> list[dict[str, Any]]:   # the records a RegionReply carries
         return [{"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.nbytes}
                 for r in self._regions.values() if not r.name.startswith(self._own_prefix)]
+
+    def check_client(self, name: str) -> None:
+        """Refuse a client's reference to anything but a region registered through the
+        shared-memory API: Ferry's own arenas are never addressable by a client."""
+        region = self._regions.get(name)
+        if region is None or name.startswith(self._own_prefix):
+            raise InvalidInput(f"shared-memory region {name!r} is not registered",
+                               code="shm_unknown_region")
+
+    def forget_own(self, keep: set[str]) -> None:
+        """Unmap every one of Ferry's own arenas not named in `keep` (their owners died or
+        were replaced); each mapping holds a descriptor and the dead segment's pages."""
+        for name in [n for n in self._regions if n.startswith(self._own_prefix)]:
+            if name not in keep:
+                self.forget(name)
 
     def forget(self, name: str) -> None:
         """Drop a mapping of one of Ferry's own arenas (its owner died or was replaced)."""

@@ -210,8 +210,12 @@ class EngineHost:
         pass   # frees were applied in handle()
 
     def _free(self, loc: P.ShmLoc) -> None:
-        if loc.region == self.arena.name:
+        if loc.region != self.arena.name:
+            return
+        try:
             self.arena.free(loc.offset)
+        except InvalidInput as exc:   # a stale free must never fail the request carrying it
+            log.warning("ignoring a free: %s", exc.message)
 
     def on_register(self, identity: bytes, msg: P.RegisterRegion, _b: list[Any]) -> None:
         self.regions.register(msg.name, msg.key, msg.offset, msg.nbytes)

@@ -191,6 +191,9 @@ class Dispatcher:
                     index[v["sha256"]] = (name, int(ver))
         self._sha_index = index
         self._sync_regions(msg.regions)
+        # the arenas of engines that died or were replaced stay mapped until forgotten
+        self.regions.forget_own({f"{self.engine_prefix}{eid}-{e.get('pid')}"
+                                 for eid, e in msg.engines.items()})
         for eid, e in msg.engines.items():
             link = self.links.get(eid)
             if link is None or link.generation != e["generation"]:
@@ -332,6 +335,11 @@ class Dispatcher:
                     outputs: list[str] | None = None, timeout_s: float | None = None,
                     request_id: str = "", region_refs: list[P.TensorRef] = (),  # type: ignore[assignment]
                     out_shm: dict[str, P.ShmLoc] | None = None) -> InferOutcome:
+        for ref in region_refs:
+            assert ref.shm is not None
+            self.regions.check_client(ref.shm.region)
+        for loc in (out_shm or {}).values():
+            self.regions.check_client(loc.region)
         name, ver, _info = await self.resolve_fresh(model, version)
         link = self._pick_engine((name, ver))
         packed = pack(arrays, self.arena, self.inline_threshold, list(region_refs))
@@ -355,6 +363,8 @@ class Dispatcher:
                 timer.cancel()
         metrics.observe_infer(name, result.queue_us, result.compute_us, result.batch_size)
         arrays_out, frees = unpack(result.outputs, buffers, self.regions, self.engine_prefix)
+        # only blocks the engine allocated are freed, never a client's own output window
+        frees = [f for f in frees if not out_shm or f not in out_shm.values()]
         engine = req.engine
 
         def release() -> None:
