@@ -7,7 +7,6 @@ major), `parameters.binary_data_size` (bytes taken in order from the binary part
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from daemon import protocol as P
 from daemon.errors import InvalidInput
+from frontends.http.json_body import decode_json
 
 __all__ = ["KSERVE_TO_NUMPY", "NUMPY_TO_KSERVE", "ParsedInfer", "parse_infer", "encode_outputs"]
 
@@ -118,12 +118,7 @@ def parse_infer(body: bytes, header_length: str | None) -> ParsedInfer:
         head, binary = body[:n], memoryview(body)[n:]
     else:
         head, binary = body, memoryview(b"")
-    try:
-        req = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _bad(f"request body is not valid JSON: {exc}", "invalid_json") from None
-    except RecursionError:   # '[[[[…' nested deeper than the interpreter's stack
-        raise _bad("request body is not valid JSON: nested too deeply", "invalid_json") from None
+    req = decode_json(head)      # deep nesting and lone surrogates are 400s too
     if not isinstance(req, dict):
         raise _bad("request body must be a JSON object", "invalid_json")
     inputs = req.get("inputs")

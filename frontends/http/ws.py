@@ -46,6 +46,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from daemon.errors import FerryError, Forbidden, InvalidInput, RateLimited, Unauthorized
 from frontends.http.appkeys import DISPATCHER
 from frontends.http.errors import request_id_of
+from frontends.http.json_body import decode_json
 from frontends.http.openai_schema import parse_chat, parse_completion, require_object
 from frontends.http.textgen import TEXTS, Generation, Usage, encode_prompts, install
 
@@ -82,6 +83,7 @@ class _Session:
         self.request, self.ws = request, ws
         self.tasks: dict[Any, asyncio.Task] = {}
         self.cancelled: set[Any] = set()
+        self.replies: set[asyncio.Task] = set()     # answers for requests that never started
         self.auth: Authenticator | None = request.app.get(WS_AUTH)  # type: ignore[assignment]
         self.admit: Admitter | None = request.app.get(WS_ADMIT)  # type: ignore[assignment]
         self.principal: Any = None
@@ -97,8 +99,7 @@ class _Session:
             pass    # the socket is closing; the receive loop ends and cancels what is left
 
     async def send_error(self, rid: Any, exc: FerryError) -> None:
-        await self.send({"type": "error", "id": rid, "code": exc.code, "message": exc.message,
-                         "param": exc.param, "status": exc.status})
+        await self.send(_error(rid, exc))
 
     async def on_connect(self) -> asyncio.Task | None:
         """Authenticate from the upgrade's headers; when that fails, an `auth` message may still
@@ -127,10 +128,7 @@ class _Session:
     async def on_text(self, data: str) -> None:
         rid = None
         try:
-            try:
-                msg = require_object(json.loads(data))
-            except ValueError:
-                raise InvalidInput("the message is not valid JSON", code="invalid_json") from None
+            msg = require_object(decode_json(data))
             rid = msg.get("id")
             handler = self.handlers.get(msg.get("type"))  # type: ignore[arg-type]
             if handler is None:
@@ -190,6 +188,7 @@ class _Session:
         release = self.admit(self.request, self.principal) if self.admit is not None else None
         spent: list[Usage] = []            # run() puts the request's Usage here once started
         task = asyncio.create_task(self.run(rid, msg, spent))
+        task.add_done_callback(lambda done: self._reap(rid, msg.get("model"), done))
         if release is not None:
             # A done callback runs even for a task cancelled before it started (a socket
             # closed at once), where a `finally` in run() would never execute.
@@ -197,6 +196,8 @@ class _Session:
         self.tasks[rid] = task
 
     async def run(self, rid: Any, msg: dict[str, Any], spent: list[Usage]) -> None:
+        """Generate, then send the request's one terminal message (`complete` or `error`). It
+        goes out after the id leaves `tasks`, so no `cancel` can interrupt it halfway."""
         texts: list[list[str]] = []
         finish: list[str | None] = []
         name, usage = msg.get("model"), None
@@ -215,18 +216,31 @@ class _Session:
                         await self.send({"type": "token", "id": rid, "choice": p.index,
                                          "index": counts[p.index], "token": p.text})
                         counts[p.index] += 1
+            terminal = _complete(rid, name, texts, finish, usage)
         except FerryError as exc:
-            await self.send_error(rid, exc)
-            return
+            terminal = _error(rid, exc)
         except asyncio.CancelledError:
             if rid not in self.cancelled:
                 raise        # the socket closed: nobody to tell
-            finish = [f or "cancelled" for f in finish] or ["cancelled"]
-            texts = texts or [[]]
+            terminal = _complete(rid, name, texts or [[]],
+                                 [f or "cancelled" for f in finish] or ["cancelled"], usage)
         finally:
             self.tasks.pop(rid, None)
             self.cancelled.discard(rid)
-        await self.send(_complete(rid, name, texts, finish, usage))
+        await self.send(terminal)
+
+    def _reap(self, rid: Any, model: Any, task: asyncio.Task) -> None:
+        """A task cancelled before its first step (a `cancel` read in the same batch of frames
+        as its `inference`) never runs run()'s body: free its id and answer for it here."""
+        if self.tasks.get(rid) is not task:
+            return                           # run() already did both
+        del self.tasks[rid]
+        if rid in self.cancelled:
+            self.cancelled.discard(rid)
+            reply = asyncio.create_task(self.send(_complete(rid, model, [[]], ["cancelled"],
+                                                            None)))
+            self.replies.add(reply)
+            reply.add_done_callback(self.replies.discard)
 
     async def _start(self, msg: dict[str, Any]) -> tuple[Generation, bool]:
         body = {k: v for k, v in msg.items() if k not in ("type", "id")}
@@ -256,6 +270,11 @@ class _Session:
 def _valid_id(rid: Any) -> bool:
     return (isinstance(rid, str) and 0 < len(rid) <= 128) or (
         isinstance(rid, int) and not isinstance(rid, bool))
+
+
+def _error(rid: Any, exc: FerryError) -> dict[str, Any]:
+    return {"type": "error", "id": rid, "code": exc.code, "message": exc.message,
+            "param": exc.param, "status": exc.status}
 
 
 def _complete(rid: Any, model: Any, texts: list[list[str]], finish: list[str | None],

@@ -54,9 +54,10 @@ class SecureDaemon(Daemon):
 
 
 def call(d: Daemon, method: str, path: str, *, key: str | None = None, body: Any = None,
-         headers: dict[str, str] | None = None, raw: bytes | None = None
-         ) -> tuple[int, dict[str, str], Any]:
-    """One request on a fresh connection: (status, headers, JSON body or text)."""
+         headers: dict[str, str] | None = None, raw: bytes | None = None,
+         source: str | None = None) -> tuple[int, dict[str, str], Any]:
+    """One request on a fresh connection: (status, headers, JSON body or text), from the
+    loopback address `source` (127.x.y.z) when given, e.g. to stay under per-address limits."""
     h = dict(headers or {})
     if key is not None:
         h["Authorization"] = f"Bearer {key}"
@@ -64,7 +65,8 @@ def call(d: Daemon, method: str, path: str, *, key: str | None = None, body: Any
     if body is not None:
         data = json.dumps(body).encode()
         h.setdefault("Content-Type", "application/json")
-    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60,
+                                      source_address=(source, 0) if source else None)
     try:
         conn.request(method, path, body=data, headers=h)
         resp = conn.getresponse()
