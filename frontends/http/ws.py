@@ -183,7 +183,9 @@ class _Session:
         if rid in self.tasks:
             raise InvalidInput(f"request {rid!r} is already in flight on this socket",
                                code="duplicate_id", param="id")
-        if len(self.tasks) >= MAX_INFLIGHT:
+        # A cancelled request is on its way out (its task may not even have started): its slot
+        # is free already, or a burst of inference+cancel pairs would be refused for a while.
+        if len(self.tasks) - len(self.cancelled) >= MAX_INFLIGHT:
             raise RateLimited(f"at most {MAX_INFLIGHT} requests may be in flight on one socket")
         release = self.admit(self.request, self.principal) if self.admit is not None else None
         spent: list[Usage] = []            # run() puts the request's Usage here once started

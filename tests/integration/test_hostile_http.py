@@ -287,21 +287,19 @@ async def _cancel_race(url: str) -> tuple[dict, dict]:
             frames.append(json.dumps({"type": "cancel", "id": i}))
         # No await between the frames: they reach the server in the same reads.
         await asyncio.gather(*(ws.send_str(f) for f in frames))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 45
-        while len(terminal) < PAIRS and loop.time() < deadline:
-            try:
-                msg = await ws.receive(timeout=max(0.1, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                break
-            reply = json.loads(msg.data)
-            if _terminal(reply):
-                terminal.setdefault(reply["id"], []).append(reply)
+        try:
+            async with asyncio.timeout(30):     # the fixed server needs a second or two
+                while len(terminal) < PAIRS:
+                    reply = json.loads((await ws.receive()).data)
+                    if _terminal(reply):
+                        terminal.setdefault(reply["id"], []).append(reply)
+        except TimeoutError:
+            pass                                # the assertions name the ids left unanswered
         # The socket still serves: its in-flight slots were all given back.
         await ws.send_json({"type": "inference", "id": "after", "model": "smollm2",
                             "prompt": "Once upon a time", "max_tokens": 2, "stream": False})
         while True:
-            reply = json.loads((await ws.receive(timeout=60)).data)
+            reply = json.loads((await ws.receive(timeout=60)).data)   # 429 while ids leak
             if reply.get("id") == "after":
                 break
             if _terminal(reply):
@@ -316,11 +314,12 @@ def _terminal(reply: dict) -> bool:
 
 
 def test_inference_and_cancel_back_to_back_each_get_one_terminal_message(ferry):
-    terminal, after = run(_cancel_race(ferry.url), 150)
+    terminal, after = run(_cancel_race(ferry.url), 120)
     missing = sorted(set(range(PAIRS)) - set(terminal))
     doubled = {i: [m["type"] for m in ms] for i, ms in terminal.items() if len(ms) != 1}
     assert not missing, f"{len(missing)} ids never got a terminal message: {missing[:10]}"
     assert not doubled, doubled
+    # Cancelled requests free their slots at once: none of the 100 is refused for the 64 limit.
     for i, (m,) in terminal.items():
-        assert m["type"] == "error" or m["finish_reason"] in ("cancelled", "length", "stop"), m
+        assert m["type"] == "complete" and m["finish_reason"] in ("cancelled", "length"), m
     assert (after["type"], after["finish_reason"]) == ("complete", "length"), after
