@@ -245,6 +245,12 @@ class RegionMap:
             if name not in keep:
                 self.forget(name)
 
+    def forget_dead(self) -> None:
+        """Unmap Ferry's own arenas whose owner process (the name's pid suffix) is gone."""
+        for name in [n for n in self._regions if n.startswith(self._own_prefix)]:
+            if not _owner_alive(name):
+                self.forget(name)
+
     def forget(self, name: str) -> None:
         """Drop a mapping of one of Ferry's own arenas (its owner died or was replaced)."""
         region = self._regions.pop(name, None)
@@ -283,6 +289,20 @@ class RegionMap:
         for region in list(self._regions.values()):
             self._close(region)
         self._regions.clear()
+
+
+def _owner_alive(name: str) -> bool:
+    pid_text = name.rsplit("-", 1)[-1]
+    # isdigit() alone accepts '²' and other digits int() refuses
+    if not (pid_text.isascii() and pid_text.isdigit()) or len(pid_text) > 10:
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        pass   # alive and another user's; or no pid at all
+    return True
 
 
 def reclaim(instance: str, pid: int | None = None) -> list[str]:
@@ -328,16 +348,8 @@ def reclaim_orphans() -> list[str]:
         if not name.startswith("ferry-"):
             continue
         pid_text = name.rsplit("-", 1)[-1]
-        # isdigit() alone accepts '²' and other digits int() refuses
-        if not (pid_text.isascii() and pid_text.isdigit()) or len(pid_text) > 10:
+        if not (pid_text.isascii() and pid_text.isdigit()) or _owner_alive(name):
             continue
-        try:
-            os.kill(int(pid_text), 0)
-            continue   # owner alive
-        except ProcessLookupError:
-            pass
-        except (PermissionError, OverflowError):
-            continue   # alive and another user's; or no pid at all
         if _unlink(path):
             removed.append(name)
     return removed

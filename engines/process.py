@@ -122,6 +122,10 @@ class EngineHost:
         self.pending: dict[str, Pending] = {}
         self.loads: queue.SimpleQueue = queue.SimpleQueue()
         self.counters = {"requests": 0, "errors": 0, "results": 0}
+        # arena blocks lent to each peer (ZMQ identity) until it sends them back in `frees`;
+        # a peer that dies without returning them gets them reclaimed by `sweep_dead_peers`
+        self.lent: dict[bytes, set[int]] = {}
+        self._next_sweep = 0.0
         self.handlers = {
             "infer": self.on_infer, "generate": self.on_generate, "cancel": self.on_cancel,
             "free": self.on_free, "load": self.on_load, "unload": self.on_unload,
@@ -136,7 +140,7 @@ class EngineHost:
             msg, buffers = P.decode(frames)
             msg_id, request_id = getattr(msg, "id", ""), getattr(msg, "request_id", "")
             for loc in getattr(msg, "frees", ()):
-                self._free(loc)
+                self._free(loc, identity)
             self.handlers[msg.TYPE](identity, msg, buffers)
         except FerryError as exc:
             self.counters["errors"] += 1
@@ -209,13 +213,31 @@ class EngineHost:
     def on_free(self, _identity: bytes, msg: P.Free, _b: list[Any]) -> None:
         pass   # frees were applied in handle()
 
-    def _free(self, loc: P.ShmLoc) -> None:
-        if loc.region != self.arena.name:
+    def _free(self, loc: P.ShmLoc, identity: bytes) -> None:
+        lent = self.lent.get(identity)
+        if loc.region != self.arena.name or lent is None or loc.offset not in lent:
+            # only a block lent to this very peer is its to return: a stale or forged free
+            # must neither fail the request carrying it nor free another peer's block
+            log.warning("ignoring a free of a block not lent to the sender")
             return
-        try:
-            self.arena.free(loc.offset)
-        except InvalidInput as exc:   # a stale free must never fail the request carrying it
-            log.warning("ignoring a free: %s", exc.message)
+        lent.discard(loc.offset)
+        self.arena.free(loc.offset)
+
+    def sweep_dead_peers(self) -> None:
+        """Reclaim the blocks lent to frontends that died (SIGKILL returns nothing) and unmap
+        their arenas. Runs at most once a second from the compute loop."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 1.0
+        for identity in list(self.lent):
+            if _peer_alive(identity):
+                if not self.lent[identity]:
+                    del self.lent[identity]
+                continue
+            for offset in self.lent.pop(identity):
+                self.arena.free(offset)
+        self.regions.forget_dead()
 
     def on_register(self, identity: bytes, msg: P.RegisterRegion, _b: list[Any]) -> None:
         self.regions.register(msg.name, msg.key, msg.offset, msg.nbytes)
@@ -347,6 +369,10 @@ class EngineHost:
                     self.arena.free(ref.shm.offset)
             self.reply_error(pend.identity, res.id, exc)
             return
+        lent = [r.shm.offset for r in refs
+                if r.shm is not None and r.shm.region == self.arena.name]
+        if lent:
+            self.lent.setdefault(pend.identity, set()).update(lent)
         msg = P.InferResult(res.id, refs, int(res.queue_s * 1e6), int(res.compute_s * 1e6),
                             res.batch_size)
         self.io.send(pend.identity, P.encode(msg, frames))
@@ -412,12 +438,28 @@ def run_engine(args: dict[str, Any]) -> int:
         while state.running:
             drain_inputs(host, inbox)
             host.step()
+            host.sweep_dead_peers()
         io.stopping.set()
         io.join(2)
         return 0
     finally:
         arena.close(unlink=True)
         ctx.destroy(linger=0)
+
+
+def _peer_alive(identity: bytes) -> bool:
+    """Frontends name their engine links `<pid>-<random>` (see Dispatcher._open_link); an
+    identity of another form (a tool's own socket) is taken as alive."""
+    pid_text = identity.split(b"-", 1)[0]
+    if not (pid_text.isdigit() and 0 < len(pid_text) <= 10):
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        pass
+    return True
 
 
 def drain_inputs(host: EngineHost, inbox: queue.SimpleQueue) -> None:

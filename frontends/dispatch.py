@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class _Req:
     queue: asyncio.Queue | None = None
     tokens_seen: int = 0
     timer: metrics.StreamTimer | None = None   # generations: TTFT / inter-token latency
+    deadline: asyncio.TimerHandle | None = None  # generations: ends the stream at the deadline
 
 
 @dataclass(slots=True)
@@ -103,8 +105,11 @@ class Stream:
 class Dispatcher:
     def __init__(self, ctx: zmq.asyncio.Context, *, placement_endpoint: str,
                  control_endpoint: str, arena: Arena | None, regions: RegionMap,
-                 instance: str, inline_threshold: int) -> None:
+                 instance: str, inline_threshold: int,
+                 request_timeout_s: float | None = None) -> None:
         self.ctx = ctx
+        # server.request_timeout_s: how long a generation may run when its caller sets no limit
+        self.request_timeout_s = request_timeout_s
         # request-path sockets: see LoopSocket
         self.sync_ctx: zmq.SyncContext = zmq.Context.shadow(ctx.underlying)
         self.placement_endpoint, self.control_endpoint = placement_endpoint, control_endpoint
@@ -215,6 +220,8 @@ class Dispatcher:
         # A link belongs to one engine process: never reconnect to a successor on the same
         # path (it has not loaded its models yet); placement opens a new link for it instead.
         sock.setsockopt(zmq.RECONNECT_IVL, -1)
+        # `<pid>-<random>`: the engine reclaims what it lent this link once the pid is gone
+        sock.setsockopt(zmq.ROUTING_ID, f"{os.getpid()}-{uuid.uuid4().hex[:12]}".encode())
         sock.connect(link.endpoint)
         link.sock = LoopSocket(sock, lambda frames: self._on_frames(link, frames))
         link.alive = True
@@ -319,6 +326,8 @@ class Dispatcher:
         link = self.links.get(req.engine)
         if link is not None:
             link.outstanding -= 1
+        if req.deadline is not None:
+            req.deadline.cancel()
         if req.packed is not None and self.arena is not None:
             for loc in req.packed.blocks:
                 self.arena.free(loc.offset)
@@ -374,7 +383,11 @@ class Dispatcher:
         return InferOutcome(arrays_out, result, name, ver, release if frees else None)
 
     async def generate(self, model: str, version: int | None, prompt_ids: list[int],
-                       params: dict[str, Any], request_id: str = "") -> Stream:
+                       params: dict[str, Any], request_id: str = "",
+                       timeout_s: float | None = None) -> Stream:
+        """Start one generation. At `timeout_s` (default: `request_timeout_s`) after the call it
+        is cancelled in the engine, its KV blocks freed, and the stream raises a 504
+        `deadline_exceeded`: every path (SSE, JSON, WebSocket, ZMQ, batch items) ends here."""
         name, ver, _info = await self.resolve_fresh(model, version)
         link = self._pick_engine((name, ver))
         prompt = np.asarray(prompt_ids, dtype=np.int32)
@@ -384,12 +397,16 @@ class Dispatcher:
         req = _Req(rid, link.engine, (name, ver), msg, [prompt], None, queue=asyncio.Queue(),
                    timer=metrics.StreamTimer(name, len(prompt_ids)))
         self._register(req)
+        limit = timeout_s or self.request_timeout_s
+        if limit:
+            why = f"the generation ran past the request timeout of {limit:g} s"
+            req.deadline = asyncio.get_running_loop().call_later(limit, self._expire, req, why)
         return Stream(self, req)
 
-    def _expire(self, req: _Req) -> None:
+    def _expire(self, req: _Req, why: str = "") -> None:
         if req.id in self.inflight:
             link = self.links.get(req.engine)
-            self._fail(req, FerryError(f"no reply from engine {req.engine} in time",
+            self._fail(req, FerryError(why or f"no reply from engine {req.engine} in time",
                                        code="deadline_exceeded", status=504))
             if link is not None and link.sock is not None and link.alive:
                 link.sock.send(P.encode(P.Cancel(req.id)))
