@@ -28,7 +28,8 @@ import numpy as np
 from daemon.errors import Busy, FerryError, InvalidInput
 from daemon.protocol import ShmLoc, TensorRef
 
-__all__ = ["SHM_DIR", "ALIGN", "Arena", "Region", "RegionMap", "reclaim", "segment_name"]
+__all__ = ["SHM_DIR", "ALIGN", "Arena", "Region", "RegionMap", "pid_alive", "reclaim",
+           "segment_name"]
 
 log = logging.getLogger(__name__)
 
@@ -296,12 +297,17 @@ def _owner_alive(name: str) -> bool:
     # isdigit() alone accepts '²' and other digits int() refuses
     if not (pid_text.isascii() and pid_text.isdigit()) or len(pid_text) > 10:
         return True
+    return pid_alive(int(pid_text))
+
+
+def pid_alive(pid: int) -> bool:
+    """False only when no process has `pid` (another user's process counts as alive)."""
     try:
-        os.kill(int(pid_text), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError):
-        pass   # alive and another user's; or no pid at all
+        pass
     return True
 
 

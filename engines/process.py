@@ -26,7 +26,7 @@ from daemon import protocol as P
 from daemon.errors import FerryError, InternalError, InvalidInput, ModelNotFound
 from daemon.process import init_child
 from daemon.repository_spec import load_spec
-from daemon.shm import Arena, RegionMap, segment_name
+from daemon.shm import Arena, RegionMap, pid_alive, segment_name
 from engines.base import Engine, GenerateRequest, ModelInfo, TensorRequest, TensorResult, TokenOutput
 
 __all__ = ["ENGINE_CLASSES", "EngineIO", "EngineHost", "run_engine", "model_info_to_wire"]
@@ -451,15 +451,7 @@ def _peer_alive(identity: bytes) -> bool:
     """Frontends name their engine links `<pid>-<random>` (see Dispatcher._open_link); an
     identity of another form (a tool's own socket) is taken as alive."""
     pid_text = identity.split(b"-", 1)[0]
-    if not (pid_text.isdigit() and 0 < len(pid_text) <= 10):
-        return True
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        pass
-    return True
+    return not (pid_text.isdigit() and 0 < len(pid_text) <= 10) or pid_alive(int(pid_text))
 
 
 def drain_inputs(host: EngineHost, inbox: queue.SimpleQueue) -> None:
