@@ -63,7 +63,8 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
     dispatcher = Dispatcher(ctx, placement_endpoint=args["placement"],
                             control_endpoint=args["control"], arena=arena,
                             regions=RegionMap(args["instance"]), instance=args["instance"],
-                            inline_threshold=args["inline_threshold"])
+                            inline_threshold=args["inline_threshold"],
+                            request_timeout_s=args["request_timeout_s"])
     runner = None
     try:
         await dispatcher.start()

@@ -196,7 +196,8 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
     arena = Arena(segment_name(args["instance"], "zmq"), args["arena_mb"] << 20)
     d = Dispatcher(ctx, placement_endpoint=args["placement"], control_endpoint=args["control"],
                    arena=arena, regions=RegionMap(args["instance"]), instance=args["instance"],
-                   inline_threshold=args["inline_threshold"])
+                   inline_threshold=args["inline_threshold"],
+                   request_timeout_s=args["request_timeout_s"])
     sock: zmq.SyncSocket = zmq.Context.shadow(ctx.underlying).socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
