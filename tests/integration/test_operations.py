@@ -125,6 +125,9 @@ def test_ready_only_once_models_are_loaded(notified):
     statuses = [f.get("STATUS") for f in before]
     assert {"starting engines", "loading models", "starting frontends"} <= set(statuses), statuses
     assert not any("WATCHDOG" in f for f in before), "watchdog pings before READY=1"
+    # The probe runs in the listener thread, which may still be waiting on it when d.start()
+    # (its own /readyz poll) has returned.
+    wait_until(lambda: listener.ready_probe is not None, 5.0, "the /readyz probe at READY=1")
     status, body = listener.ready_probe
     assert status == 200, body
     assert body == {"status": "ready", "models": {"digits": {"1": "ready"}}}
