@@ -6,6 +6,11 @@ waiting, so a request never waits for a SQLite write. If the database stalls, th
 capped at `max_pending` rows and the oldest are dropped (and counted) rather than growing
 without bound. Retention (`max_age_s`, `max_rows`) is applied by `prune`, which the flush task
 also runs every `prune_interval_s`.
+
+A failing write (a full disk, a read-only state directory) is retried with exponential
+back-off, from `flush_interval_s` doubling up to `max_backoff_s` (30 s), and logged once per
+condition: one warning when writes start failing (or fail differently), one line when they
+recover, not one every 100 ms.
 """
 from __future__ import annotations
 
@@ -57,7 +62,8 @@ class RequestLog:
     def __init__(self, db: Database, *, store_bodies: bool = False, max_body_bytes: int = 65536,
                  flush_interval_s: float = 0.1, flush_rows: int = 256, max_pending: int = 50_000,
                  max_age_s: float | None = None, max_rows: int | None = None,
-                 prune_interval_s: float = 60.0, clock: Callable[[], float] = time.time) -> None:
+                 prune_interval_s: float = 60.0, max_backoff_s: float = 30.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self._db = db
         self._store_bodies = store_bodies
         self._max_body = max_body_bytes
@@ -72,6 +78,9 @@ class RequestLog:
         self._task: asyncio.Task | None = None
         self._flush_lock = asyncio.Lock()
         self._closing = False
+        self._max_backoff = max_backoff_s
+        self._failure: str | None = None     # the condition writes fail with, while they do
+        self._failures = 0
         self.dropped = 0
         self.flushes = 0
 
@@ -123,18 +132,50 @@ class RequestLog:
     async def _run(self) -> None:
         last_prune = self._clock()
         while not self._closing:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._interval)
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            await self._pause()
             try:
                 await self.flush()
                 if self._clock() - last_prune >= self._prune_interval:
                     last_prune = self._clock()
                     await self.prune()
             except (FerryError, sqlite3.Error) as exc:
-                log.warning("request log: write failed, %d rows waiting: %s", self.pending, exc)
+                self._failed(exc)
+            else:
+                self._recovered()
+
+    def _backoff(self) -> float:
+        """Seconds until the next write: the interval, doubled per consecutive failure."""
+        if not self._failures:
+            return self._interval
+        return min(self._max_backoff, self._interval * 2.0 ** min(self._failures, 32))
+
+    async def _pause(self) -> None:
+        """Wait for the next write. While writes fail, a full buffer's wake-ups do not cut the
+        back-off short (they would retry on every request); closing always does."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._backoff()
+        while not self._closing:
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                return
+            self._wake.clear()
+            if not self._failures:
+                return
+
+    def _failed(self, exc: Exception) -> None:
+        self._failures += 1
+        condition = f"{type(exc).__name__}: {exc}"
+        if condition != self._failure:
+            self._failure = condition
+            log.warning("request log: write failed, %d rows waiting; retrying with back-off "
+                        "up to %g s: %s", self.pending, self._max_backoff, exc)
+
+    def _recovered(self) -> None:
+        if self._failure is not None:
+            log.info("request log: writes recovered after %d failed attempts (%s)",
+                     self._failures, self._failure)
+        self._failure, self._failures = None, 0
 
     async def close(self) -> None:
         """Stop the background task and write what is left. The task is asked to stop, not

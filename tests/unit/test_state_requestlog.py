@@ -204,3 +204,40 @@ def test_close_during_a_flush_writes_every_row(tmp_path):
         finally:
             await state.db.close()
     assert asyncio.run(main()) == 20 * 50
+
+
+@async_test
+async def test_a_full_database_is_retried_with_back_off_and_logged_once(tmp_path, caplog):
+    """A real SQLITE_FULL (the connection's max_page_count pinned to the file's size): rows
+    keep arriving for 1.5 s, yet the flusher warns once, backs off instead of retrying every
+    10 ms, keeps the rows, and logs its recovery once when space returns."""
+    state = await open_state(tmp_path)
+    log = RequestLog(state.db, flush_interval_s=0.01, flush_rows=1, max_backoff_s=0.2)
+    conn = state.db.conn
+    try:
+        pages = (await conn.execute_fetchall("PRAGMA page_count"))[0][0]
+        await conn.execute(f"PRAGMA max_page_count = {pages}")
+        caplog.set_level("INFO", logger="daemon.state.requestlog")
+        log.start()
+        loop = asyncio.get_running_loop()
+        end, i = loop.time() + 1.5, 0
+        while loop.time() < end:
+            add(log, i, body="x" * 2000)      # a wake-up per row: must not cut the back-off
+            i += 1
+            await asyncio.sleep(0.005)
+        warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "full" in warnings[0].getMessage(), \
+            [r.getMessage() for r in warnings]
+        # 10 ms doubling to 0.2 s: ~10 attempts in 1.5 s, not ~150.
+        assert log._failures <= 15, log._failures
+        # Rows that fit the file's free space were written; the rest wait, none is lost.
+        assert log.pending > 0 and log.pending + rows_on_disk(tmp_path) == i
+        await conn.execute("PRAGMA max_page_count = 1073741823")
+        await until(lambda: any("recovered" in r.getMessage() for r in caplog.records))
+        await asyncio.sleep(0.1)             # later successful writes log nothing more
+        recovered = [r for r in caplog.records if "recovered" in r.getMessage()]
+        assert len(recovered) == 1 and log.pending == 0 and rows_on_disk(tmp_path) == i
+        assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+    finally:
+        await log.close()
+        await state.close()
