@@ -14,6 +14,12 @@ transaction. The runner leases it, POSTs the job summary with
 again, across any restart; only a crash between the POST and its record can repeat one, after
 the lease, which is why receivers de-duplicate on `X-Ferry-Delivery`.
 
+Every item is charged to the key that submitted its job as a direct request would be (the
+`charge` hook, frontends/access.py's `Access.batch_item`): a concurrency slot, a request from
+its requests per minute and, for generations, prompt plus max_tokens reserved from its tokens
+per minute. An item waits for that budget rather than failing; while one of a key's items
+waits, the runner claims no further items of that key's jobs, so other jobs keep running.
+
 Item requests are stored as `{"custom_id", "url", "body"}` with url one of
 `/v2/models/{model}[/versions/{v}]/infer` (KServe JSON tensors), `/v1/chat/completions` or
 `/v1/completions` (when the LLM helpers of frontends/http/textgen.py are present).
@@ -27,14 +33,16 @@ import re
 import sqlite3
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from daemon.egress import EgressPolicy
 from daemon.errors import FerryError, InternalError, InvalidInput
 from daemon.state.batches import BatchItem, BatchStore, JobStatus, signature_header, webhook_body
 
-__all__ = ["BatchRunner", "ItemExecutor", "INFER_URL", "TEXT_URLS"]
+__all__ = ["BatchRunner", "ItemExecutor", "ItemCharger", "INFER_URL", "TEXT_URLS", "OWNER"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,11 @@ INFER_URL = re.compile(r"/v2/models/([^/]+)(?:/versions/([0-9]{1,9}))?/infer")
 TEXT_URLS = ("/v1/chat/completions", "/v1/completions")
 _WEBHOOK_TIMEOUT_S = 10.0
 _WEBHOOK_LEASE_S = 60.0
+OWNER = "_ferry_owner"       # the job metadata entry naming the key that submitted it
+
+# owner -> a context that holds the owner's budget for one item (entering waits for it) and
+# yields an object whose `used` the runner sets to the tokens the item used.
+ItemCharger = Callable[[str | None], AbstractAsyncContextManager[Any]]
 
 
 class ItemExecutor:
@@ -134,8 +147,10 @@ class BatchRunner:
     def __init__(self, store: BatchStore, execute: Callable[[BatchItem], Awaitable[dict]], *,
                  concurrency: int = 8, poll_s: float = 0.5,
                  webhook_timeout_s: float = _WEBHOOK_TIMEOUT_S,
-                 egress: EgressPolicy | None = None) -> None:
-        self.store, self.execute = store, execute
+                 egress: EgressPolicy | None = None,
+                 charge: ItemCharger | None = None) -> None:
+        self.store, self.execute, self.charge = store, execute, charge
+        self._waiting: Counter[str | None] = Counter()    # owners with an item waiting for budget
         self.egress = egress or EgressPolicy()
         self.concurrency, self.poll_s, self.webhook_timeout_s = concurrency, poll_s, \
             webhook_timeout_s
@@ -193,35 +208,32 @@ class BatchRunner:
             except TimeoutError:
                 pass
 
-    async def _open_jobs(self) -> list[str]:
+    async def _open_jobs(self) -> list[tuple[str, str | None]]:
+        """(job id, owner) of open jobs, oldest first."""
         jobs = []
         for status in (JobStatus.RUNNING, JobStatus.PENDING):
             page, _ = await self.store.list(status=status, limit=100)
             jobs.extend(page)
-        return [j.id for j in sorted(jobs, key=lambda j: j.created_at)]
+        return [(j.id, (j.metadata or {}).get(OWNER))
+                for j in sorted(jobs, key=lambda j: j.created_at)]
 
     async def _fill(self) -> None:
         free = self.concurrency - len(self._items)
         if free <= 0:
             return
-        for job_id in await self._open_jobs():
+        for job_id, owner in await self._open_jobs():
+            if self._waiting[owner] > 0:
+                continue               # its key is out of budget: serve other jobs meanwhile
             for item in await self.store.claim_items(job_id, free):
-                task = asyncio.create_task(self._run_item(item))
+                task = asyncio.create_task(self._run_item(item, owner))
                 self._items.add(task)
                 free -= 1
             if free <= 0:
                 return
 
-    async def _run_item(self, item: BatchItem) -> None:
+    async def _run_item(self, item: BatchItem, owner: str | None = None) -> None:
         try:
-            try:
-                result: dict | None = {"status_code": 200, "body": await self.execute(item)}
-                error = None
-            except FerryError as exc:
-                result, error = None, exc.to_wire()
-            except Exception as exc:   # a defect, not the request's: fail the item, go on
-                log.exception("batch %s item %d failed", item.job_id, item.idx)
-                result, error = None, InternalError(f"internal error: {exc}").to_wire()
+            result, error = await self._charged(item, owner)
             job = await self.store.complete_item(item.job_id, item.idx, result=result,
                                                  error=error)
             if job.status != JobStatus.RUNNING:
@@ -232,6 +244,37 @@ class BatchRunner:
         finally:
             self._items.discard(asyncio.current_task())
             self.wake()
+
+    async def _charged(self, item: BatchItem, owner: str | None
+                       ) -> tuple[dict | None, dict | None]:
+        """(result, error) of one item, run on its owner's budget when there is a charger."""
+        if self.charge is None:
+            return await self._execute(item)
+        self._waiting[owner] += 1
+        admitted = False
+        try:
+            async with self.charge(owner) as bill:
+                admitted = True
+                self._waiting[owner] -= 1
+                result, error = await self._execute(item)
+                usage = (result or {}).get("body", {}).get("usage")
+                if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
+                    bill.used = usage["total_tokens"]
+                elif error is None:
+                    bill.used = 0           # a tensor item: no tokens
+                return result, error
+        finally:
+            if not admitted:
+                self._waiting[owner] -= 1
+
+    async def _execute(self, item: BatchItem) -> tuple[dict | None, dict | None]:
+        try:
+            return {"status_code": 200, "body": await self.execute(item)}, None
+        except FerryError as exc:
+            return None, exc.to_wire()
+        except Exception as exc:   # a defect, not the request's: fail the item, go on
+            log.exception("batch %s item %d failed", item.job_id, item.idx)
+            return None, InternalError(f"internal error: {exc}").to_wire()
 
     # -- webhooks -----------------------------------------------------------------------------
     async def _send_webhooks(self) -> None:

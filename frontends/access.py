@@ -9,6 +9,12 @@ every transport:
     admission = access.admit(principal)          # raises RateLimited (429)
     try: ... finally: access.release(admission)
 
+Every unit of work is charged to its key the same way: a direct request, each WebSocket
+message, each ZMQ request and each batch item (`batch_item`, which waits for budget instead of
+failing). Tokens per minute are reserved before a generation starts (`reserve`: the prompt plus
+every token it may generate) and settled to what it really used at the end (`settle`), so a
+key never gets more tokens through than its limit allows.
+
 With `auth.required = false` credentials are not examined at all (every caller is anonymous
 and unlimited), as vLLM does without `--api-key`; the global IP allow-list still applies. The
 admin API is the exception: it always needs an admin credential (`always=True`), so turning
@@ -16,21 +22,24 @@ auth off never hands key management to every local user.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from daemon.auth import Authenticator, Principal
 from daemon.egress import EgressPolicy
-from daemon.errors import ConfigError, RateLimited
+from daemon.errors import ConfigError, FerryError, RateLimited
 from daemon.state import State, open_state
 from daemon.state.jwt_tokens import JwtIssuer, load_secret
 from daemon.state.ratelimit import Decision, RateLimiter, RateLimits
 
-__all__ = ["AccessSettings", "Admission", "Access", "RATELIMIT_TABLE"]
+__all__ = ["AccessSettings", "Admission", "ItemCharge", "Access", "RATELIMIT_TABLE"]
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +94,19 @@ class Admission:
     principal: Principal
     decision: Decision | None = None      # the buckets, for the X-RateLimit-* headers
     holds_slot: bool = False
+    reserved: int = 0                     # tokens debited ahead by `reserve`; `settle` trues up
 
     def headers(self) -> dict[str, str]:
         return self.decision.headers() if self.decision is not None else {}
+
+
+@dataclass(slots=True)
+class ItemCharge:
+    """What `Access.batch_item` yields: set `used` to the tokens the item really used (None:
+    unknown, e.g. it failed; its whole reservation then stays charged)."""
+
+    used: int | None = None
+    admission: Admission | None = None
 
 
 def _refusal(decision: Decision) -> RateLimited:
@@ -204,10 +223,76 @@ class Access:
             admission.holds_slot = False
             self.limiter.release(admission.principal.id)
 
-    def charge_tokens(self, principal: Principal, tokens: int) -> None:
-        """Debit tokens used (known after the response) from the key's tokens-per-minute."""
-        if principal.limits.tpm and tokens > 0:
-            self.limiter.charge_tokens(principal.id, tokens)
+    def reserve(self, admission: Admission, tokens: int) -> None:
+        """Debit `tokens` (the prompt plus every token the work may generate) from the key's
+        tokens per minute before the work starts, or raise RateLimited. A request larger than
+        the whole per-minute limit could never fit: it is refused with its own code."""
+        limits = admission.principal.limits
+        if not limits.tpm or tokens <= 0:
+            return
+        if tokens > limits.tpm:
+            raise RateLimited(f"this request may use {tokens} tokens (prompt plus max_tokens), "
+                              f"more than the key's limit of {limits.tpm} tokens per minute; "
+                              "lower max_tokens or shorten the prompt",
+                              code="request_exceeds_token_limit", retry_after=60.0)
+        decision = self.limiter.check(admission.principal.id, limits, cost_requests=0,
+                                      cost_tokens=tokens)
+        if not decision.allowed:
+            raise _refusal(decision)
+        admission.reserved += tokens
+        admission.decision = decision
+
+    def settle(self, admission: Admission, used: int) -> None:
+        """Charge the tokens the work really used, less its reservation (a refund when less)."""
+        tokens, admission.reserved = used - admission.reserved, 0
+        if admission.principal.limits.tpm and tokens:
+            self.limiter.charge_tokens(admission.principal.id, tokens)
+
+    async def admit_waiting(self, principal: Principal) -> Admission:
+        """`admit`, waiting out every refusal instead of raising it."""
+        while True:
+            try:
+                return self.admit(principal)
+            except RateLimited as exc:
+                await asyncio.sleep(min(max(exc.retry_after, 0.05), 60.0))
+
+    async def reserve_waiting(self, admission: Admission, tokens: int) -> None:
+        """`reserve`, waiting for the tokens (a request over the whole limit still raises)."""
+        while True:
+            try:
+                return self.reserve(admission, tokens)
+            except RateLimited as exc:
+                if exc.code == "request_exceeds_token_limit":
+                    raise
+                await asyncio.sleep(min(max(exc.retry_after, 0.05), 60.0))
+
+    async def owner(self, key_id: str | None) -> Principal | None:
+        """The key a batch job was submitted with (None: anonymous, a session token or a key
+        that no longer exists; its items are not limited)."""
+        if not key_id:
+            return None
+        try:
+            key = await self.state.keys.get(key_id)
+        except FerryError:
+            return None
+        return Principal("key", key.id, key.name, key.scopes, key.limits, key.models)
+
+    @contextlib.asynccontextmanager
+    async def batch_item(self, key_id: str | None) -> AsyncIterator[ItemCharge]:
+        """Charge one batch item to the key that submitted its job, as a direct request is:
+        a concurrency slot and a request (entering waits until the key has them), its tokens
+        reserved by the generation (`bill.admission`, waiting too) and settled on leaving."""
+        bill = ItemCharge()
+        principal = await self.owner(key_id)
+        if principal is None or principal.limits.unlimited:
+            yield bill
+            return
+        bill.admission = admission = await self.admit_waiting(principal)
+        try:
+            yield bill
+        finally:
+            self.release(admission)
+            self.settle(admission, admission.reserved if bill.used is None else bill.used)
 
     def admit_login(self, client_ip: str | None) -> None:
         """Throttle password guessing per client address (RateLimited when exceeded)."""

@@ -17,7 +17,7 @@ from daemon.errors import InvalidInput
 from engines.llm.chat import render_chat
 from engines.llm.config import ModelLoadFailed
 
-__all__ = ["Tokenizer", "IncrementalDecoder"]
+__all__ = ["Tokenizer", "IncrementalDecoder", "max_token_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class Tokenizer:
         self.eos_ids = eos_ids
         self.chat_template = chat_template
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self.max_token_bytes = max_token_bytes(backend)
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
@@ -157,6 +158,57 @@ class Tokenizer:
         variables.setdefault("bos_token", self.token_text(self.bos_id) or "")
         variables.setdefault("eos_token", self.token_text(eos) or "")
         return render_chat(source, messages, add_generation_prompt, **variables)
+
+
+# Normalizers by how many times shorter (in UTF-8 bytes) they can make a text: NFC composes three
+# Hangul jamo (9 bytes) into one syllable (3), lowercasing turns the Kelvin sign (3) into "k".
+# One not listed (Strip, StripAccents, BertNormalizer's control-character removal) can delete
+# any amount of text, so no bound holds.
+_SHRINK = {"NFD": 1, "Prepend": 1, "NFC": 3, "NFKC": 3, "NFKD": 3, "Lowercase": 3}
+# Pre-tokenizers that keep every byte of the text (WhitespaceSplit and the like drop spaces).
+_KEEPING_PRE = {"ByteLevel", "Digits", "Metaspace", "Split", "Punctuation", "UnicodeScripts"}
+
+
+def max_token_bytes(backend: Any) -> int | None:
+    """The most bytes of input text one token can stand for, so that a text of N UTF-8 bytes is
+    at least ceil(N / this) tokens and an over-long prompt is refused without tokenizing it.
+    None when the tokenizer can turn unboundedly many bytes into one token or none (WordPiece's
+    [UNK] for an over-long word, fused unknowns, normalizers that delete text)."""
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or (model.get("unk_token") and model.get("fuse_unk")):
+        return None
+    pres = _flatten(spec.get("pre_tokenizer"), "pretokenizers")
+    if any(p.get("type") not in _KEEPING_PRE or p.get("behavior") == "Removed" for p in pres):
+        return None
+    byte_level = any(p.get("type") == "ByteLevel" for p in pres)
+    if not (byte_level or model.get("byte_fallback") or model.get("unk_token")):
+        return None                         # characters outside the vocabulary vanish
+    shrink = 1
+    for norm in _flatten(spec.get("normalizer"), "normalizers"):
+        kind = norm.get("type")
+        if kind == "Replace":
+            pattern = (norm.get("pattern") or {}).get("String")
+            if pattern is None or len(norm.get("content", "").encode()) < len(pattern.encode()):
+                return None
+        elif kind in _SHRINK:
+            shrink *= _SHRINK[kind]
+        else:
+            return None
+    alphabet = _byte_alphabet() if byte_level else set()
+    # A byte-level vocabulary entry spells one byte per character; anything else (added tokens,
+    # "▁" for a space, "<0x41>") is counted by its UTF-8 length, which is never less.
+    longest = max(len(t) if alphabet and set(t) <= alphabet else len(t.encode())
+                  for t in backend.get_vocab(with_added_tokens=True))
+    return max(longest, 4) * shrink         # 4: an unknown character becomes one [UNK]
+
+
+def _flatten(node: Any, children: str) -> list[dict[str, Any]]:
+    if not isinstance(node, dict):
+        return []
+    if node.get("type") == "Sequence":
+        return [leaf for child in node.get(children) or [] for leaf in _flatten(child, children)]
+    return [node]
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -17,7 +17,9 @@ URLs: /v2/models/{model}[/versions/{v}]/infer (KServe JSON tensors), /v1/chat/co
 /v1/completions. Every item's model is checked against the caller's allow-list on submission.
 With a webhook and no secret, one is generated and returned once (`webhook_secret`): webhooks
 are always signed. A job is visible to the credential that created it and to admins.
-Submitting a batch counts as one request against the key's rate limit. Webhook URLs may point
+Submitting a batch counts as one request against the key's rate limit, and every item counts
+as one more when it runs (its tokens too): items wait for the key's budget, they never fail
+for it (daemon/batch_runner.py). Webhook URLs may point
 anywhere the daemon can reach, including this host: grant `infer` keys accordingly.
 """
 from __future__ import annotations
@@ -25,25 +27,29 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from aiohttp import web
 
-from daemon.batch_runner import INFER_URL, TEXT_URLS, BatchRunner, ItemExecutor
+from daemon.batch_runner import INFER_URL, OWNER, TEXT_URLS, BatchRunner, ItemExecutor
 from daemon.egress import EgressPolicy
 from daemon.errors import FerryError, InvalidInput
 from daemon.state.batches import BatchJob, JobStatus
 from frontends.http.admin import json_object
 from frontends.http.appkeys import DISPATCHER, ON_DRAIN, SETTINGS
 from frontends.http.json_body import decode_json
+from frontends.access import Access, ItemCharge
 from frontends.http.security import ACCESS, authorize_model, principal_of
+from frontends.http.textgen import TOKEN_RESERVER
 
 __all__ = ["routes", "setup", "RUNNER"]
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 RUNNER = web.AppKey("batch_runner", BatchRunner)
-_OWNER = "_ferry_owner"
+_OWNER = OWNER
 _JSONL = ("application/jsonl", "application/x-ndjson", "application/x-jsonlines",
           "application/jsonlines")
 _STATUS = {JobStatus.PENDING: "validating", JobStatus.RUNNING: "in_progress",
@@ -67,13 +73,32 @@ async def _start_runner(app: web.Application) -> None:
         texts = app.get(TEXTS)
     except ModuleNotFoundError:
         texts = None
-    runner = BatchRunner(app[ACCESS].state.batches,
+    access = app[ACCESS]
+    runner = BatchRunner(access.state.batches,
                          ItemExecutor(app[DISPATCHER], texts, settings.request_timeout_s),
-                         egress=app[ACCESS].egress)
+                         egress=access.egress, charge=lambda owner: _charge(access, owner))
     await runner.start()
     app[RUNNER] = runner
     if ON_DRAIN in app:
         app[ON_DRAIN].append(runner.pause)    # a SIGTERM stops claiming items at once
+
+
+@asynccontextmanager
+async def _charge(access: Access, owner: str | None) -> AsyncIterator[ItemCharge]:
+    """One item on its owner's budget; its generation waits for the tokens it reserves."""
+    async with access.batch_item(owner) as bill:
+        admission = bill.admission
+        if admission is None:
+            yield bill
+            return
+
+        async def reserve(tokens: int) -> None:
+            await access.reserve_waiting(admission, tokens)
+        token = TOKEN_RESERVER.set(reserve)
+        try:
+            yield bill
+        finally:
+            TOKEN_RESERVER.reset(token)
 
 
 async def _stop_runner(app: web.Application) -> None:

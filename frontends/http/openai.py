@@ -101,7 +101,8 @@ async def get_model(request: web.Request) -> web.Response:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = parse_chat(await read_json(request))
     tm = await request.app[TEXTS].text_model(req.model)
-    ids = await tm.encode(tm.render_chat(req.messages), add_special_tokens=False)
+    ids = await tm.encode(tm.render_chat(req.messages), add_special_tokens=False,
+                          param="messages")
     return await _serve(request, tm, [ids], req.params, _Shape(chat=True), "messages", [""])
 
 

@@ -9,10 +9,14 @@ For every request, in this order:
    route names a model, the key's model allow-list. 401/403 with stable codes (daemon.auth).
 4. Rate limits: a concurrency slot and a request from the key's buckets, or 429 with
    `Retry-After`; every response to a limited key carries `X-RateLimit-Limit/Remaining/Reset`.
-5. The handler. Then the tokens it used (prompt plus completion, streamed or not, and per
-   WebSocket request) are charged to the key's tokens-per-minute, and one request-log row is appended (request id, key, model, route,
-   status, code, total time, token counts; the body only with `logging.log_bodies`, and never
-   for /admin or /v1/batches, whose bodies carry passwords and webhook secrets).
+5. The handler. A generation reserves its prompt plus max_tokens from the key's tokens per
+   minute before it starts (429 `token_rate_limited` when they are not there; see
+   textgen.TOKEN_RESERVER); the reservation is settled to the tokens it really used (streamed
+   or not, and per WebSocket request), and one request-log row is appended (request id, key,
+   model, route, status, code, total time, token counts; the body only with
+   `logging.log_bodies`, and never for /admin or /v1/batches, whose bodies carry passwords and
+   webhook secrets). Batch items are charged to the submitting key as they run
+   (Access.batch_item), WebSocket messages by `admit_ws`, ZMQ requests by frontends/zmq.
 
 Route policies (scope needed; "open" needs none):
 
@@ -49,7 +53,7 @@ from frontends.access import Access, AccessSettings, Admission
 from frontends.http.appkeys import DISPATCHER, SETTINGS, request_key
 from frontends.http.errors import error_body, error_response, request_id_of
 from frontends.http.json_body import decode_json
-from frontends.http.textgen import USAGE
+from frontends.http.textgen import TOKEN_RESERVER, USAGE
 
 __all__ = ["ACCESS", "Policy", "policy_for", "install", "security_middleware",
            "authorize_model", "authenticate_ws", "admit_ws", "principal_of", "client_ip"]
@@ -170,17 +174,25 @@ async def authenticate_ws(request: web.Request, token: str | None) -> Principal:
 
 def admit_ws(request: web.Request, principal: Principal | None) -> Callable[[], None] | None:
     """ws.py's WS_ADMIT hook: each inference message counts as a request against the key's
-    limits (RateLimited otherwise); returns `done(tokens)`, which releases its concurrency slot
-    and charges the tokens it used to the key's tokens per minute."""
+    limits (RateLimited otherwise) and its generation reserves its tokens (the message's task,
+    created next, inherits the reserver); returns `done(tokens)`, which releases its
+    concurrency slot and settles the reservation to the tokens it used."""
     if principal is None:
         return None
     access = _access(request)
     admission = access.admit(principal)
+    TOKEN_RESERVER.set(_reserver(access, admission))
 
     def done(tokens: int = 0) -> None:
         access.release(admission)
-        access.charge_tokens(principal, tokens)
+        access.settle(admission, tokens)
     return done
+
+
+def _reserver(access: Access, admission: Admission) -> Callable[[int], Awaitable[None]]:
+    async def reserve(tokens: int) -> None:
+        access.reserve(admission, tokens)
+    return reserve
 
 
 # -- CORS ---------------------------------------------------------------------------------------
@@ -324,7 +336,13 @@ async def _guarded(request: web.Request, handler: Handler, access: Access, polic
     try:
         await _admit(request, access, policy)
         out.body = await _loggable_body(request, access, policy)
-        resp = await handler(request)
+        admission = request.get(_ADMISSION)
+        reserver = TOKEN_RESERVER.set(None if admission is None
+                                      else _reserver(access, admission))
+        try:
+            resp = await handler(request)
+        finally:
+            TOKEN_RESERVER.reset(reserver)
     except RateLimited as exc:
         resp = _rate_limited(request, exc)
         out.code = exc.code
@@ -348,8 +366,9 @@ async def _loggable_body(request: web.Request, access: Access, policy: Policy) -
 def _record(request: web.Request, access: Access, out: _Outcome, started: float) -> None:
     principal = principal_of(request)
     prompt, completion = _usage_of(request, out)
-    if principal is not None:
-        access.charge_tokens(principal, (prompt or 0) + (completion or 0))
+    admission = request.get(_ADMISSION)
+    if admission is not None:
+        access.settle(admission, (prompt or 0) + (completion or 0))
     code = out.code
     if code is None and out.resp is not None and out.status >= 400:
         code = _error_code(out.resp)

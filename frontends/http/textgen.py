@@ -11,11 +11,12 @@ and cancels the engine request at once, so no KV block is held for text nobody w
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -25,8 +26,8 @@ from frontends.http.appkeys import DISPATCHER, request_key
 from frontends.http.openai_schema import GenParams
 
 __all__ = ["TextModel", "ModelTexts", "Piece", "Usage", "StopMatcher", "Choice",
-           "Generation", "TEXTS", "USAGE", "install", "encode_prompts", "model_toml",
-           "resolve_model"]
+           "Generation", "TEXTS", "USAGE", "TOKEN_RESERVER", "install", "encode_prompts",
+           "model_toml", "resolve_model"]
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,28 @@ class TextModel:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                   template=self.template)
 
-    async def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+    async def encode(self, text: str, *, add_special_tokens: bool,
+                     param: str = "prompt") -> list[int]:
+        self._check_size(text, param)
         if len(text) <= _INLINE_CHARS:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         return await asyncio.to_thread(self.tokenizer.encode, text,
                                        add_special_tokens=add_special_tokens)
+
+    def _check_size(self, text: str, param: str) -> None:
+        """Refuse a text that cannot fit the context before tokenizing it: that costs seconds
+        and gigabytes for megabytes of text. It is at least ceil(bytes / max_token_bytes)
+        tokens long, and a prompt must leave room for one generated token."""
+        per_token = self.tokenizer.max_token_bytes
+        bound = per_token * (self.context_length - 1) if per_token else 0
+        if not bound or len(text) <= bound // 4:       # <= 4 bytes per character: it may fit
+            return
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > bound:
+            raise ContextLengthExceeded(
+                f"the prompt is {size} bytes long, so at least {-(-size // per_token)} tokens; "
+                f"model {self.name!r} has a context length of {self.context_length} tokens",
+                param=param)
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -269,6 +287,13 @@ class Usage:
 # The request's Usage, set by generation routes so that the security layer can charge a key's
 # tokens per minute for streamed responses too, whose usage is in no JSON body.
 USAGE = request_key("ferry_usage", Usage)
+# The token budget of the work running in this context (an HTTP request, a WebSocket message's
+# task, a batch item), set by whoever charges it to a key (frontends/http/security.py,
+# daemon/batch_runner.py): `Generation.start` awaits it with the prompt's tokens plus every
+# token the generation may add, before anything reaches an engine, so a key's tokens per minute
+# are reserved at admission; it raises RateLimited (or, for batch items, waits).
+TOKEN_RESERVER: contextvars.ContextVar[Callable[[int], Awaitable[None]] | None] = \
+    contextvars.ContextVar("ferry_token_reserver", default=None)
 
 
 class Choice:
@@ -333,6 +358,9 @@ class Generation:
         budgets = [_max_tokens(tm, len(p), params.max_tokens, prompt_param) for p in prompts]
         _check_token_ids(tm, params.stop_token_ids, "stop_token_ids")
         usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
+        reserve = TOKEN_RESERVER.get()
+        if reserve is not None:
+            await reserve(usage.prompt_tokens + params.n * sum(budgets))
         gen = cls([], usage, prompts)
         try:
             for i, (prompt, budget) in enumerate(zip(prompts, budgets)):

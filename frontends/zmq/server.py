@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -125,6 +126,8 @@ class ZmqFrontend:
                 model = msg.model           # unknown: the dispatcher answers 404 below
             principal = await self.access.authenticate(msg.auth or None, peer, "infer", model)
             admission = self.access.admit(principal)
+            if isinstance(msg, P.Generate):   # prompt + max_tokens, from tokens per minute
+                self.access.reserve(admission, _generate_cost(msg))
             await run(identity, msg, buffers)
             status = 200
         except FerryError as exc:
@@ -133,6 +136,8 @@ class ZmqFrontend:
         finally:
             if admission is not None:
                 self.access.release(admission)
+                # The stream's count is not kept here: the reservation stays charged.
+                self.access.settle(admission, admission.reserved)
             self.access.record(msg.request_id or msg.id, principal=principal, model=msg.model,
                                route=f"ZMQ {msg.TYPE}", status=status, code=code,
                                total_ms=(time.monotonic() - started) * 1000.0)
@@ -189,6 +194,14 @@ class ZmqFrontend:
                 await self.send(identity, tok)
         finally:
             self.streams.pop((identity, msg.id), None)
+
+
+def _generate_cost(msg: P.Generate) -> int:
+    """The most tokens a Generate may use: its prompt plus max_tokens (the engine's 16 if
+    unset)."""
+    prompt = sum(math.prod(ref.shape) for ref in msg.prompt)
+    asked = msg.params.get("max_tokens", 16)
+    return prompt + (asked if isinstance(asked, int) and asked > 0 else 16)
 
 
 async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:

@@ -114,3 +114,48 @@ def test_zmq_generation_ends_with_an_error_at_the_timeout(ferry):
     assert time.monotonic() - started < TIMEOUT_S + 5
     assert exc.code == "deadline_exceeded", exc
     assert_engine_idle(ferry)
+
+
+# -- prompts too large for the context ------------------------------------------------------------
+
+HUGE = "hello world " * ((8 << 20) // 12)         # ~8 MB: far more than any context holds
+
+WS_HUGE = "hello world " * 80_000                # under the WebSocket's 1 MiB message limit
+
+
+def rss_mb(pid: int) -> float:
+    status = open(f"/proc/{pid}/status").read()
+    return int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmRSS:"))) / 1024
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": HUGE}]}, "messages"),
+    ("/v1/completions", {"prompt": HUGE}, "prompt"),
+])
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(ferry, path, body, param):
+    [worker] = ferry.child_pids("http")
+    before = rss_mb(worker)
+    started = time.monotonic()
+    status, reply = request_json(post(ferry, path, {"model": "smollm2", "max_tokens": 4,
+                                                    **body}), timeout=60)
+    elapsed = time.monotonic() - started
+    assert status == 400, reply
+    assert reply["error"]["code"] == "context_length_exceeded"
+    assert reply["error"]["param"] == param
+    # Tokenizing 8 MB takes tens of seconds here and leaves the worker gigabytes larger.
+    assert elapsed < 5, elapsed
+    assert rss_mb(worker) - before < 100, (before, rss_mb(worker))
+
+
+def test_a_huge_websocket_prompt_is_refused_before_it_is_tokenized(ferry):
+    async def go() -> dict:
+        async with aiohttp.ClientSession() as s, \
+                s.ws_connect(ferry.url + "/v1/ws", max_msg_size=0) as ws:
+            await ws.send_json({"type": "inference", "id": "h", "model": "smollm2",
+                                "prompt": WS_HUGE, "max_tokens": 4})
+            return json.loads((await ws.receive(timeout=30)).data)
+
+    started = time.monotonic()
+    msg = asyncio.run(go())
+    assert msg["type"] == "error" and msg["code"] == "context_length_exceeded", msg
+    assert time.monotonic() - started < 2.5      # tokenizing it takes about twice that

@@ -207,3 +207,30 @@ def test_http_worker_code_reads_the_gguf_tokenizer_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@needs_model
+@pytest.mark.parametrize("text", TEXTS + ["a" * 5000, " " * 5000, "<|im_start|>" * 50])
+def test_max_token_bytes_bounds_the_token_count_from_below(tok, text):
+    # No token stands for more bytes than max_token_bytes: a text of N bytes is never fewer
+    # than ceil(N / max_token_bytes) tokens (what refuses huge prompts without tokenizing).
+    longest = max(len(tok.decode([i], skip_special_tokens=False).encode())
+                  for i in range(tok.vocab_size))
+    assert tok.max_token_bytes == longest
+    assert len(tok.encode(text)) >= -(-len(text.encode()) // tok.max_token_bytes)
+
+
+def test_max_token_bytes_is_none_where_one_token_can_stand_for_any_amount_of_text():
+    from tokenizers import Tokenizer as Backend, models, normalizers, pre_tokenizers
+
+    from engines.llm.tokenizer import max_token_bytes
+
+    wordpiece = Backend(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    assert max_token_bytes(wordpiece) is None             # an over-long word is one [UNK]
+    stripped = Backend(models.BPE({"a": 0, "[UNK]": 1}, [], unk_token="[UNK]"))
+    stripped.normalizer = normalizers.Strip()
+    assert max_token_bytes(stripped) is None              # spaces vanish
+    stripped.normalizer = normalizers.NFC()
+    # The longest entry, "[UNK]" (5 bytes), times 3: NFC composes up to 3 bytes into 1.
+    assert max_token_bytes(stripped) == 5 * 3
