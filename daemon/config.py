@@ -38,6 +38,12 @@ class ServerConfig:
     zmq_bind: str = ""              # "" → ipc://<runtime_dir>/ferry.zmq
     max_body_mb: int = 64
     request_timeout_s: float = 300.0
+    # Slow clients: a connection must send a complete request head within header_timeout_s of
+    # opening (or of its last response, which also closes idle keep-alive connections), and a
+    # body within body_timeout_s of its head; a worker holds at most max_connections at once.
+    header_timeout_s: float = 30.0
+    body_timeout_s: float = 120.0
+    max_connections: int = 512
     drain_grace_s: float = 30.0
     cors_origins: tuple[str, ...] = ()
 
@@ -212,6 +218,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("server.drain_grace_s", "must be >= 0")
     if not s.request_timeout_s > 0:
         raise ConfigError("server.request_timeout_s", "must be > 0")
+    for key in ("header_timeout_s", "body_timeout_s"):
+        if not getattr(s, key) > 0:
+            raise ConfigError(f"server.{key}", "must be > 0")
+    if s.max_connections < 1:
+        raise ConfigError("server.max_connections", "must be at least 1")
     if cfg.engines.threads < 0:
         raise ConfigError("engines.threads", "must be >= 0 (0: library default)")
     if not cfg.engines.restart_backoff_s or not all(b >= 0 for b in cfg.engines.restart_backoff_s):

@@ -214,6 +214,8 @@ class Supervisor:
                 "parent_pid": os.getpid(), "log_level": self.cfg.logging.level,
                 "log_format": self.cfg.logging.format, "request_timeout_s": s.request_timeout_s,
                 "drain_grace_s": s.drain_grace_s, "max_body": s.max_body_mb << 20,
+                "header_timeout_s": s.header_timeout_s, "body_timeout_s": s.body_timeout_s,
+                "max_connections": s.max_connections,
                 "state_dir": str(self.cfg.state_dir), "auth": {
                     "required": self.cfg.auth.required, "allow_ips": list(self.cfg.auth.allow_ips),
                     "jwt_secret_file": self.cfg.auth.jwt_secret_file,

@@ -17,6 +17,7 @@ class FrontendSettings:
     max_body: int
     request_timeout_s: float
     inline_threshold: int
+    body_timeout_s: float = 120.0
 
 
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)

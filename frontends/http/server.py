@@ -19,6 +19,7 @@ from daemon.shm import Arena, RegionMap, segment_name
 from frontends.dispatch import Dispatcher
 from frontends.http import kserve
 from frontends.http.appkeys import DISPATCHER, ON_DRAIN, SETTINGS, FrontendSettings
+from frontends.http.connections import FrontendRunner, body_deadline_middleware
 from frontends.http.errors import error_middleware
 
 __all__ = ["create_app", "bind_socket", "run_http"]
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def create_app(dispatcher: Dispatcher, settings: FrontendSettings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body)
+    app = web.Application(middlewares=[error_middleware, body_deadline_middleware],
+                          client_max_size=settings.max_body)
     app[DISPATCHER] = dispatcher
     app[SETTINGS] = settings
     app[ON_DRAIN] = []
@@ -69,12 +71,14 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
     try:
         await dispatcher.start()
         settings = FrontendSettings(args["worker"], args["max_body"], args["request_timeout_s"],
-                                    args["inline_threshold"])
+                                    args["inline_threshold"], args["body_timeout_s"])
         app = create_app(dispatcher, settings)
         from frontends.http.security import install as install_security
         install_security(app, args)   # auth, rate limits, CORS, request log (before start)
-        runner = web.AppRunner(app, shutdown_timeout=args["drain_grace_s"], access_log=None,
-                               handle_signals=False)
+        runner = FrontendRunner(app, header_timeout_s=args["header_timeout_s"],
+                                max_connections=args["max_connections"],
+                                shutdown_timeout=args["drain_grace_s"], access_log=None,
+                                handle_signals=False)
         await runner.setup()
         sock = bind_socket(args["host"], args["port"])
         await web.SockSite(runner, sock).start()
