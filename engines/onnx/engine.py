@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
 from daemon.errors import FerryError, InternalError, InvalidInput
 from engines.base import ModelInfo, ModelSpec, TensorSpec
@@ -148,13 +148,43 @@ class OnnxEngine(TensorEngine):
 
     def _execute(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self._binding is not None:
-            return self._binding.run(names, feeds)
-        return self._session.run(names, feeds)
+            return self._binding.run(names, feeds, _QUIET_RUN)
+        return self._session.run(names, feeds, _QUIET_RUN)
 
     def _run_error(self, exc: Exception) -> FerryError:
         if isinstance(exc, InvalidArgument):
             return InvalidInput(f"the model rejected the input: {exc}", code="invalid_input")
+        node = _failed_node(exc)
+        if node is not None:
+            return InvalidInput(
+                f"the model could not run on this input ({node}): its shapes or values are "
+                "outside what the graph supports (model.toml max_shape can declare the bounds "
+                "so that such inputs are refused before they reach the model)",
+                code="model_rejected_input")
         return InternalError(f"inference failed: {exc}", code="inference_failed")
+
+
+# onnxruntime logs every failed run to stderr itself; a failure is already answered (and, when
+# it is the server's, logged) by Ferry, so a client sending bad inputs cannot flood the journal.
+_QUIET_RUN = ort.RunOptions()
+_QUIET_RUN.log_severity_level = 4
+_NODE_FAILURE = re.compile(r"while running (\w+) node\. Name:'([^']*)' Status Message: "
+                           r"(?:\S+:\d+ [^\n]*? was false\. )?([^\n]*)")
+
+
+def _failed_node(exc: Exception) -> str | None:
+    """'<op> node <name>: <reason>' when onnxruntime failed inside one node of the graph on
+    this request's data (a broadcast of mismatched dims, an index out of range): the graph
+    loaded and ran its warm-up, so the input is what it cannot take. None otherwise (memory,
+    provider and other failures stay server errors)."""
+    if not isinstance(exc, Fail):
+        return None
+    text = str(exc)
+    match = _NODE_FAILURE.search(text)
+    if match is None or "alloc" in text.lower():
+        return None
+    op, name, reason = match.groups()
+    return f"{op} node {name!r}: {reason.strip()[:300]}"
 
 
 def _graph_tensors(args: list[Any]) -> tuple[dict[str, TensorSpec], DimNames]:

@@ -27,7 +27,8 @@ class CudaIOBinding:
         self.device_id = device_id
         self.runs = 0                   # successful runs (tests and stats check the path is used)
 
-    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, names: list[str], feeds: dict[str, np.ndarray],
+            run_options: ort.RunOptions | None = None) -> list[np.ndarray]:
         """Outputs `names`, in that order, as host arrays (one device-to-host copy each)."""
         binding = self._session.io_binding()
         # The OrtValues must outlive run_with_iobinding: the binding holds raw device pointers.
@@ -42,7 +43,7 @@ class CudaIOBinding:
         for name in names:
             # No shape: ORT allocates each output on the device at the size the run produces.
             binding.bind_output(name, "cuda", self.device_id)
-        self._session.run_with_iobinding(binding)
+        self._session.run_with_iobinding(binding, run_options)
         outputs = binding.copy_outputs_to_cpu()
         self.runs += 1
         return outputs

@@ -317,3 +317,36 @@ def test_session_options_apply_threads_and_validate():
         with pytest.raises(InvalidInput) as err:
             session_options(bad)
         assert err.value.code == "invalid_model_config"
+
+
+def bias_model() -> onnx.ModelProto:
+    """out = x + bias, bias [1, 4]: x [batch, n] with n not 1 or 4 fails inside the Add node."""
+    bias = numpy_helper.from_array(np.ones((1, 4), np.float32), "bias")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "bias"], ["out"], name="add_bias")], "bias",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])], [bias])
+    return _model(graph)
+
+
+def test_an_input_the_graph_cannot_take_is_the_clients_error(tmp_path):
+    # onnxruntime answers FAIL (not INVALID_ARGUMENT) for a failure inside a node; with no
+    # max_shape declared that is still the input's fault: 400, naming the node, never a 500.
+    engine = make_engine(tmp_path, bias_model(), 'engine = "onnx"\nmax_batch_size = 4\n')
+    engine.submit(TensorRequest("good", {"x": np.zeros((1, 4), np.float32)}))
+    engine.submit(TensorRequest("bad", {"x": np.zeros((1, 6), np.float32)}))
+    out = drain(engine)
+    np.testing.assert_array_equal(out["good"].outputs["out"], np.ones((1, 4)))
+    err = out["bad"].error
+    assert out["bad"].outputs is None and err.status == 400, err.to_wire()
+    assert err.code == "model_rejected_input" and "Add node 'add_bias'" in err.message, err.message
+    assert "onnxruntime_src" not in err.message
+
+
+def test_other_onnxruntime_failures_stay_server_errors():
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    from engines.onnx.engine import OnnxEngine as Engine
+    err = Engine._run_error(Engine(), Fail("[ONNXRuntimeError] : 1 : FAIL : Failed to allocate "
+                                           "memory for requested buffer of size 1099511627776"))
+    assert err.status == 500 and err.code == "inference_failed"
