@@ -1,6 +1,7 @@
 """Children that die leave nothing behind in the survivors (issue 13.5): the blocks an engine
 lent to a SIGKILLed HTTP worker come back, the engine unmaps that worker's arena, and HTTP
-workers unmap the arenas of engines that died. Five kills of each kind: the figures are flat."""
+workers unmap the arenas of engines that died, and so for the ZMQ frontend. Five kills of each
+kind: the figures are flat."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from daemon.errors import FerryError
 from frontends.client import FerryClient
 from tests.integration.conftest import tensor_repo
 from tests.integration.daemon_proc import Daemon, request_json, wait_until
@@ -113,3 +115,40 @@ def test_killed_engines_leave_no_maps_in_http_workers(leak_daemon):
     wait_until(lambda: _within(_figures(worker), baseline), 15,
                f"worker fds/maps back to {baseline} (now {_figures(worker)})")
     assert d.child_pids("http") == [worker]
+
+
+def _infer_zmq(d: Daemon) -> None:
+    client = FerryClient(d.zmq_endpoint, timeout_s=30)
+    try:
+        out = client.infer("digits", {"pixels": X})
+        assert next(iter(out.values())).shape[0] == 64
+    finally:
+        client.sock.close(0)
+
+
+def _try_infer_zmq(d: Daemon) -> bool:
+    try:
+        _infer_zmq(d)
+        return True
+    except (AssertionError, OSError, FerryError):
+        return False
+
+
+def test_a_killed_zmq_frontend_leaves_no_blocks_or_maps_in_the_engine(leak_daemon):
+    d = leak_daemon
+    engine = _one_child(d, "engine")
+    _ready(d)
+    wait_until(lambda: _try_infer_zmq(d), 60, "the ZMQ frontend serving")
+    baseline = _figures(engine)
+    frontend = None
+    for _ in range(KILLS):
+        frontend = _one_child(d, "zmq", not_pid=frontend)
+        wait_until(lambda: _try_infer_zmq(d), 60, "the ZMQ frontend serving again")
+        os.kill(frontend, signal.SIGKILL)
+    _one_child(d, "zmq", not_pid=frontend)
+    wait_until(lambda: _try_infer_zmq(d), 60, "the ZMQ frontend serving again")
+    # Blocks lent to the dead frontends come back; the engine unmaps their arenas.
+    wait_until(lambda: _engine_blocks(d) == 0, 15, "the dead frontends' blocks freed")
+    wait_until(lambda: _within(_figures(engine), baseline), 15,
+               f"engine fds/maps back to {baseline} (now {_figures(engine)})")
+    assert d.child_pids("engine") == [engine]
