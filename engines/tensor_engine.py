@@ -21,6 +21,7 @@ import numpy as np
 from daemon.errors import Cancelled, DeadlineExceeded, FerryError, InternalError, InvalidInput
 from engines.base import Engine, ModelSpec, TensorRequest, TensorResult, TensorSpec
 from engines.batching import BatchConfig, DynamicBatcher, Padding, collate, split
+from engines.inference_stats import InferenceStats
 
 __all__ = ["TensorEngine", "DimNames", "merge_declared", "load_error"]
 
@@ -50,6 +51,7 @@ class TensorEngine(Engine):
         self._counts: Counter[str] = Counter()
         self._batch_sizes: Counter[int] = Counter()
         self._compute_s = 0.0
+        self._inference = InferenceStats()      # Triton's statistics extension
 
     # -- what a runtime provides ------------------------------------------------------------
 
@@ -101,7 +103,11 @@ class TensorEngine(Engine):
             raise FerryError("model is not loaded", code="model_unavailable", status=503)
         if not isinstance(request, TensorRequest):
             raise InvalidInput(f"the {self.engine_name} engine serves tensor requests only")
-        self._validate(request)
+        try:
+            self._validate(request)
+        except FerryError:
+            self._inference.failed(0.0)
+            raise
         if not request.arrival:
             request.arrival = time.monotonic()
         self._batcher.add(request)
@@ -138,12 +144,13 @@ class TensorEngine(Engine):
                 "avg_batch_size": rows / batches if batches else 0.0,
                 "queued": len(self._batcher), "expired": self._counts["expired"],
                 "cancelled": self._counts["cancelled"], "failed": self._counts["failed"],
-                "compute_s": self._compute_s}
+                "compute_s": self._compute_s, "inference": self._inference.to_wire()}
 
     # -- running a batch --------------------------------------------------------------------
 
     def _run(self, batch: list[TensorRequest], start: float) -> list[TensorResult]:
         batched = self._max_batch > 0
+        t_in = time.monotonic()
         feeds = collate(batch, self._batcher.padding, batched)
         wanted = None if any(r.outputs is None for r in batch) else \
             {n for r in batch for n in r.outputs}
@@ -156,23 +163,34 @@ class TensorEngine(Engine):
                 # One bad request must not fail its batch-mates: re-run each alone.
                 return [res for req in batch for res in self._run([req], start)]
             self._counts["failed"] += 1
+            self._inference.failed(time.monotonic() - batch[0].arrival)
             log.warning("request %s failed in %s: %s", batch[0].id, self.runtime_name, exc)
             return [TensorResult(batch[0].id, error=self._run_error(exc),
                                  queue_s=start - batch[0].arrival)]
-        compute = time.monotonic() - t0
-        rows = sum(next(iter(r.inputs.values())).shape[0] for r in batch) if batched else 1
+        t1 = time.monotonic()
+        compute = t1 - t0
+        rows_of = [next(iter(r.inputs.values())).shape[0] if batched else 1 for r in batch]
+        rows = sum(rows_of) if batched else 1
         self._batch_sizes[rows] += 1
         self._compute_s += compute
         try:
             outputs = split(dict(zip(names, values)), batch, self._batcher.padding, batched)
         except FerryError as exc:               # the graph broke its batch-dim promise
             self._counts["failed"] += len(batch)
+            for r in batch:
+                self._inference.failed(time.monotonic() - r.arrival)
             return [TensorResult(r.id, error=exc, queue_s=start - r.arrival) for r in batch]
+        t2 = time.monotonic()
+        phases = (t0 - t_in, compute, t2 - t1)
+        self._inference.executed(rows, phases)
+        for req, n in zip(batch, rows_of):
+            self._inference.succeeded(n, t2 - req.arrival, start - req.arrival, phases)
         return [TensorResult(req.id, outputs=out, queue_s=start - req.arrival, compute_s=compute,
                              batch_size=rows) for req, out in zip(batch, outputs)]
 
     def _expired(self, request: TensorRequest, now: float) -> TensorResult:
         self._counts["expired"] += 1
+        self._inference.failed(now - request.arrival)
         return TensorResult(request.id, queue_s=now - request.arrival, error=DeadlineExceeded(
             f"request {request.id} passed its deadline after {now - request.arrival:.3f} s queued"))
 

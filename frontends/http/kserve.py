@@ -11,12 +11,14 @@ from frontends.http.appkeys import DISPATCHER, SETTINGS
 from frontends.http.errors import request_id_of
 from frontends.http.json_body import decode_json
 from frontends.http.kserve_codec import NUMPY_TO_KSERVE, encode_outputs, parse_infer
+from frontends.http.kserve_stats import statistics
+from frontends.http.security import principal_of
 
 __all__ = ["routes", "SERVER_EXTENSIONS"]
 
 routes = web.RouteTableDef()
 SERVER_EXTENSIONS = ["binary_tensor_data", "system_shared_memory", "model_repository",
-                     "model_configuration", "parameters"]
+                     "model_configuration", "parameters", "statistics"]
 _VERSIONED = "/v2/models/{model}/versions/{version}"
 
 
@@ -50,6 +52,19 @@ async def live(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     pl = request.app[DISPATCHER].placement
     return web.Response(status=200 if pl is not None and pl.state == "ready" else 503)
+
+
+# Before /v2/models/{model}: "/v2/models/stats" is the statistics of every model (as in
+# Triton), not the metadata of a model named "stats".
+@routes.get("/v2/models/stats")
+@routes.get("/v2/models/{model}/stats")
+@routes.get(_VERSIONED + "/stats")
+async def model_statistics(request: web.Request) -> web.Response:
+    version = _version(request)
+    principal = principal_of(request)    # a key with a model allow-list sees only its models
+    return web.json_response(await statistics(
+        request.app[DISPATCHER], request.match_info.get("model"), version,
+        visible=principal.may_use if principal is not None else None))
 
 
 @routes.get("/v2/models/{model}")

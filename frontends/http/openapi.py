@@ -120,6 +120,13 @@ def _kserve_paths() -> dict[str, Schema]:
                                        {**_ok(None, "ready"), **_NOT_READY}, kserve=True))
     _versioned(p, "/config", "get", _op("model_config", "Model configuration", "kserve",
                                         _INFER, _ok({"type": "object"}), kserve=True))
+    stats = _ok({"type": "object", "required": ["model_stats"],
+                 "properties": {"model_stats": {"type": "array", "items": {"type": "object"}}}})
+    p["/v2/models/stats"] = {"get": _op("model_stats_all", "Statistics of every tensor model "
+                                        "(Triton's statistics extension)", "kserve", _INFER,
+                                        stats, kserve=True)}
+    _versioned(p, "/stats", "get", _op("model_stats", "Model statistics", "kserve", _INFER,
+                                       stats, kserve=True))
     header_len = _param("Inference-Header-Content-Length", "header",
                         {"type": "integer", "minimum": 0},
                         "length of the JSON header when raw tensor bytes follow it")
