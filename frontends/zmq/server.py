@@ -119,6 +119,7 @@ class ZmqFrontend:
         if self.access is None:
             return await run(identity, msg, buffers)
         started, status, code, principal, admission = time.monotonic(), 500, None, None, None
+        used: int | None = None
         try:
             try:
                 model = self.d.resolve(msg.model)[0]
@@ -128,7 +129,7 @@ class ZmqFrontend:
             admission = self.access.admit(principal)
             if isinstance(msg, P.Generate):   # prompt + max_tokens, from tokens per minute
                 self.access.reserve(admission, _generate_cost(msg))
-            await run(identity, msg, buffers)
+            used = await run(identity, msg, buffers)
             status = 200
         except FerryError as exc:
             status, code = exc.status, exc.code
@@ -136,8 +137,10 @@ class ZmqFrontend:
         finally:
             if admission is not None:
                 self.access.release(admission)
-                # The stream's count is not kept here: the reservation stays charged.
-                self.access.settle(admission, admission.reserved)
+                # A Generate that ran to its end is settled to its tokens; one that failed
+                # or was cut off keeps its whole reservation charged.
+                self.access.settle(admission, used if isinstance(used, int) and status == 200
+                                   else admission.reserved)
             self.access.record(msg.request_id or msg.id, principal=principal, model=msg.model,
                                route=f"ZMQ {msg.TYPE}", status=status, code=code,
                                total_ms=(time.monotonic() - started) * 1000.0)
@@ -176,7 +179,8 @@ class ZmqFrontend:
         await self.send(identity, P.InferResult(msg.id, refs, meta.queue_us, meta.compute_us,
                                                 meta.batch_size), out_frames)
 
-    async def on_generate(self, identity: bytes, msg: P.Generate, buffers: list[Any]) -> None:
+    async def on_generate(self, identity: bytes, msg: P.Generate, buffers: list[Any]) -> int:
+        """Stream the generation to the client; returns the tokens it used (prompt + output)."""
         if len(msg.prompt) != 1 or msg.prompt[0].shm is not None:
             raise InvalidInput("generate needs one inline prompt tensor", code="bad_message")
         ref = msg.prompt[0]
@@ -188,12 +192,15 @@ class ZmqFrontend:
         stream = await self.d.generate(msg.model, msg.version or None, ids, msg.params,
                                        msg.request_id)
         self.streams[(identity, msg.id)] = stream
+        generated = 0
         try:
             async for tok in stream:
                 tok.id = msg.id
+                generated += len(tok.token_ids)
                 await self.send(identity, tok)
         finally:
             self.streams.pop((identity, msg.id), None)
+        return len(ids) + generated
 
 
 def _generate_cost(msg: P.Generate) -> int:

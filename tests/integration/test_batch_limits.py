@@ -4,6 +4,7 @@ minute (they wait for budget, never fail for it), and token budgets are reserved
 (prompt + max_tokens), so a key never gets more tokens through than its limit."""
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -34,7 +35,8 @@ def ferry(demo_models, tmp_path_factory):
         return {"admin": (await k.create("watcher", scopes=["infer", "admin"])).plaintext,
                 "rpm": (await k.create("batch-rpm", rpm=RPM)).plaintext,
                 "tpm": (await k.create("batch-tpm", tpm=TPM)).plaintext,
-                "direct": (await k.create("direct-tpm", tpm=TPM)).plaintext}
+                "direct": (await k.create("direct-tpm", tpm=TPM)).plaintext,
+                "zmq": (await k.create("zmq-tpm", tpm=TPM)).plaintext}
     d.keys = d.state(seed)
     d.start(timeout_s=180)
     yield d
@@ -121,3 +123,33 @@ def test_direct_generations_reserve_prompt_plus_max_tokens(ferry):
     status, headers, err = call(ferry, "POST", "/v1/completions", key=key, body=_completion())
     assert status == 429 and error_code(err) == "token_rate_limited", (status, err)
     assert spent <= TPM and int(headers["Retry-After"]) >= 1
+
+
+def test_zmq_generations_reserve_prompt_plus_max_tokens(ferry):
+    """ZMQ Generates are charged like HTTP ones: one over the whole limit is refused, four
+    of prompt + max_tokens fit, the fifth is refused before it reaches the engine."""
+    from daemon.errors import FerryError
+    from frontends.client import AsyncFerryClient
+
+    async def generate(max_tokens: int) -> int:
+        c = AsyncFerryClient(ferry.zmq_endpoint, timeout_s=60, api_key=ferry.keys["zmq"])
+        try:
+            n = 0
+            async for tok in c.generate("smollm2", PROMPT, {"max_tokens": max_tokens,
+                                                            "ignore_eos": True,
+                                                            "temperature": 0}):
+                n += len(tok.token_ids)
+            return n
+        finally:
+            await c.close()
+
+    def refused(max_tokens: int) -> str:
+        with pytest.raises(FerryError) as err:
+            asyncio.run(generate(max_tokens))
+        assert err.value.status == 429, err.value
+        return err.value.code
+
+    assert refused(TPM) == "request_exceeds_token_limit"
+    for _ in range(TPM // COST):
+        assert asyncio.run(generate(MAX_TOKENS)) == MAX_TOKENS
+    assert refused(MAX_TOKENS) == "token_rate_limited"
