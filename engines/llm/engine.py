@@ -24,6 +24,7 @@ from engines.base import (Engine, GenerateRequest, ModelInfo, ModelSpec, TensorS
 from engines.llm.block_pool import BlockPool
 from engines.llm.config import LlamaConfig, ModelLoadFailed
 from engines.llm.kv_cache import PagedKVCache
+from engines.llm.latency import RequestLatency
 from engines.llm.model import ForwardBatch, LlamaModel, load_model
 from engines.llm.quant import WEIGHT_FORMATS
 from engines.llm.sampling import Sampler, SamplingParams
@@ -104,8 +105,11 @@ class LLMEngine(Engine):
         self.sampler: Sampler | None = None
         self.max_context = 0
         self._seqs: dict[str, Sequence] = {}
+        # prompt_tokens: whole prompts (cached part included) of requests that produced their
+        # first token, as vLLM counts them
         self._counters = dict(steps=0, tokens_generated=0, tokens_computed=0,
-                              prompt_tokens_computed=0, forward_errors=0)
+                              prompt_tokens_computed=0, prompt_tokens=0, forward_errors=0)
+        self.latency = RequestLatency()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -288,16 +292,28 @@ class LLMEngine(Engine):
     def _outputs(self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float] | None,
                  reasons: list[str | None]) -> list[TokenOutput]:
         outs = []
+        now = time.monotonic()
         for j, row in enumerate(batch.sample_rows):
             seq = batch.seqs[row]
             reason = reasons[j]
             lp = [logprobs[j]] if logprobs is not None and seq.params.logprobs else None
             out = TokenOutput(seq.id, [tokens[j]], lp, reason is not None, reason)
+            self._record_latency(seq, now, reason is not None)
             self._first_output(seq, out)
             if reason is not None:
                 del self._seqs[seq.id]
             outs.append(out)
         return outs
+
+    def _record_latency(self, seq: Sequence, now: float, finished: bool) -> None:
+        if not seq.first_emitted:
+            self.latency.ttft.observe(now - seq.arrival)
+            self._counters["prompt_tokens"] += seq.num_prompt
+        else:
+            self.latency.itl.observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        if finished:
+            self.latency.e2e.observe(now - seq.arrival)
 
     @staticmethod
     def _first_output(seq: Sequence, out: TokenOutput) -> None:
@@ -330,6 +346,8 @@ class LLMEngine(Engine):
             "prefix_cache_query_tokens": pool.query_tokens,
             "prefix_cache_hit_tokens": pool.hit_tokens,
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "oldest_waiting_s": self.scheduler.oldest_wait(time.monotonic()),
+            "block_size": self.pool.block_size, "latency": self.latency.to_wire(),
             "preemptions": self.scheduler.num_preemptions, **self._counters,
         }
 

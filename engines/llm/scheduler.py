@@ -80,6 +80,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def oldest_wait(self, now: float) -> float:
+        """Seconds the oldest never-admitted request has waited (0 when none waits); preempted
+        sequences do not count, they were admitted once already."""
+        # New requests join at the tail, so the first never-admitted one is the oldest.
+        return next((now - s.arrival for s in self.waiting if not s.admitted), 0.0)
+
     def abort(self, seq: Sequence) -> None:
         """Drop a sequence wherever it is and free its blocks now."""
         if seq.status is SeqStatus.RUNNING:

@@ -35,6 +35,7 @@ class Sequence:
     num_cached: int = 0                  # prompt tokens served by the prefix cache (1st admit)
     admitted: bool = False               # admitted at least once (stats count the first time)
     first_emitted: bool = False
+    last_token_at: float = 0.0           # time.monotonic() of the latest token (latency stats)
     finish_reason: str | None = None
 
     @classmethod

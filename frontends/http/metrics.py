@@ -4,7 +4,8 @@ Whichever HTTP worker a scrape lands on answers for every process: the request c
 histograms of all frontends come from prometheus_client's multiprocess files (daemon/metrics.py),
 and the engine-side numbers (KV cache, prefix cache, arenas, queues, restarts) are read at scrape
 time from the engines' stats and the supervisor's placement, so they are exact and cost nothing
-per request. GPU gauges come from NVML when the `pynvml` module and a driver are present; without
+per request. The same engine stats feed vLLM's metric names and the ORCA load-report header
+that LLM routers read (frontends/http/vllm_compat.py). GPU gauges come from NVML when the `pynvml` module and a driver are present; without
 them the GPU families are simply absent.
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ from daemon import protocol as P
 from daemon.errors import FerryError
 from frontends.dispatch import Dispatcher
 from frontends.http.appkeys import DISPATCHER
+from frontends.http.vllm_compat import (ORCA_REQUEST_HEADER, ORCA_RESPONSE_HEADER, llm_loads,
+                                        orca_header, vllm_families)
 
 __all__ = ["setup", "metrics_middleware", "engine_families", "gpu_families"]
 
@@ -60,6 +63,10 @@ _MODEL_COUNTERS = (
      "Prompt tokens found in the prefix cache."),
     ("preemptions", "ferry_llm_preemptions", "Sequences preempted for lack of KV blocks."))
 
+# Routes whose responses carry an ORCA load report when the request asks for one (vLLM's).
+_ORCA_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+_MODEL_SLOT = "ferry.metrics.model"    # request key: the model label slot of track_model()
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -67,6 +74,9 @@ def setup(app: web.Application) -> None:
     # Outermost, so requests refused by any other middleware (auth, errors) are counted too.
     app.middlewares.insert(0, metrics_middleware)
     app.router.add_get("/metrics", metrics_view)
+    # A signal rather than the middleware: an SSE response sends its headers long before its
+    # handler returns, and this runs just before they go out, for every kind of response.
+    app.on_response_prepare.append(_orca_on_prepare)
 
 
 # -- per-request metrics ---------------------------------------------------------------------------
@@ -80,6 +90,7 @@ def _route(request: web.Request) -> str:
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     slot, token = metrics.track_model()
+    request[_MODEL_SLOT] = slot
     start = time.perf_counter()
     status = 500
     metrics.IN_FLIGHT.inc()
@@ -99,12 +110,28 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         metrics.observe_request(_route(request), slot[0], status, time.perf_counter() - start)
 
 
+async def _orca_on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """`endpoint-load-metrics` (ORCA) on a completion when the request carries
+    `endpoint-load-metrics-format: TEXT|JSON`: the KV usage and queue length of the engines
+    serving the model the request named (all LLMs when it named none), read from them now."""
+    fmt = request.headers.get(ORCA_REQUEST_HEADER)
+    if not fmt or request.path not in _ORCA_PATHS:
+        return
+    slot = request.get(_MODEL_SLOT)
+    model = slot[0] if slot and slot[0] else None
+    stats = await _engine_stats(request.app[DISPATCHER])
+    loads = llm_loads(stats, model) if model is not None else []
+    value = orca_header(fmt, loads or llm_loads(stats))
+    if value is not None:
+        response.headers[ORCA_RESPONSE_HEADER] = value
+
+
 # -- the scrape ----------------------------------------------------------------------------------
 
 async def metrics_view(request: web.Request) -> web.Response:
     d = request.app[DISPATCHER]
     stats = await _engine_stats(d)
-    families = [*engine_families(d.placement, stats), *gpu_families()]
+    families = [*engine_families(d.placement, stats), *vllm_families(stats), *gpu_families()]
     # Reading every process's files is disk work: keep it off the event loop.
     body = await asyncio.get_running_loop().run_in_executor(None, _render, families)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
