@@ -7,10 +7,12 @@
     load / unload    one model, every version the policy selects
     register_region / unregister_region   client shared-memory regions, daemon-wide
     reload           as SIGHUP
+    log_level        read, or set daemon-wide (every process, children restarted later too)
     status           placement and engine states
 """
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +142,27 @@ async def _unregister_region(sup: Supervisor, args: dict[str, Any]) -> dict[str,
     return {}
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+async def _log_level(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
+    level = args.get("level")
+    if level is None:
+        return {"level": sup.log_level}
+    if level not in LOG_LEVELS:
+        raise InvalidInput(f"log level {level!r} is not one of {list(LOG_LEVELS)}",
+                           code="invalid_log_setting", param="level")
+    logging.getLogger().setLevel(level.upper())
+    sup.log_level = level
+    for eid in sup._alive_engines():
+        try:
+            await sup.engine_call(eid, P.SetLogLevel(uuid.uuid4().hex, level), timeout_s=10)
+        except FerryError:
+            pass   # a restarting engine starts with sup.log_level
+    sup.publish()   # frontends apply it from the placement's config
+    return {"level": level, "epoch": sup.epoch}
+
+
 async def handle_control(sup: Supervisor, op: str, args: dict[str, Any]) -> dict[str, Any]:
     if op == "epoch":   # the placement epoch now; the caller waits until it routes by it
         return {"epoch": sup.epoch}
@@ -162,6 +185,8 @@ async def handle_control(sup: Supervisor, op: str, args: dict[str, Any]) -> dict
         if not isinstance(name, str) or not isinstance(version, int) or not isinstance(path, str):
             raise InvalidInput("validate needs name, version and path", code="bad_message")
         return {"info": await sup.validate(name, version, Path(path))}
+    if op == "log_level":
+        return await _log_level(sup, args)
     if op == "reload":
         await sup.reload()
         return {}

@@ -269,6 +269,15 @@ class StatsReply(Message):
 
 
 @dataclass(slots=True)
+class SetLogLevel(Message):
+    """Supervisor → engine: change the root log level at run time (Triton's logging extension);
+    answered with a ControlReply."""
+    TYPE: ClassVar[str] = "set_log_level"
+    id: str
+    level: str                       # debug | info | warning | error
+
+
+@dataclass(slots=True)
 class EngineHello(Message):
     """Engine → supervisor once its sockets are bound."""
     TYPE: ClassVar[str] = "hello"
@@ -315,7 +324,7 @@ class ControlReply(Message):
 _REGISTRY: dict[str, type[Message]] = {cls.TYPE: cls for cls in (
     Infer, InferResult, Generate, Tokens, Cancel, Free, ErrorReply, RegisterRegion,
     UnregisterRegion, RegionReply, Load, Unload, Loaded, StatsQuery, StatsReply, EngineHello,
-    Placement, Control, ControlReply)}
+    Placement, Control, ControlReply, SetLogLevel)}
 
 
 # ---- encode / decode ------------------------------------------------------------------------

@@ -64,6 +64,7 @@ class Supervisor:
         self.regions: dict[str, dict[str, Any]] = {}
         self.epoch = 0
         self.state = "starting"
+        self.log_level = cfg.logging.level      # changed at run time by /v2/logging
         # unset: children must not inherit NOTIFY_SOCKET (only the main process may notify).
         self.notifier = Notifier.from_env(unset=True)
         self.stop_event = asyncio.Event()
@@ -153,7 +154,7 @@ class Supervisor:
                 "instance": self.instance, "arena_mb": self.cfg.shm.arena_mb,
                 "inline_threshold": self.cfg.shm.inline_threshold_kb << 10,
                 "threads": self.cfg.engines.threads, "parent_pid": os.getpid(),
-                "log_level": self.cfg.logging.level, "log_format": self.cfg.logging.format})
+                "log_level": self.log_level, "log_format": self.cfg.logging.format})
             child.meta["alive"] = False
             child.meta["memory"] = MemoryLedger(device_budget(dev, self.cfg.engines.memory_mb))
             self.engines[eid] = child
@@ -211,7 +212,7 @@ class Supervisor:
         return {"instance": self.instance, "placement": self.placement_endpoint,
                 "control": self.control_endpoint, "arena_mb": max(16, self.cfg.shm.arena_mb // 4),
                 "inline_threshold": self.cfg.shm.inline_threshold_kb << 10,
-                "parent_pid": os.getpid(), "log_level": self.cfg.logging.level,
+                "parent_pid": os.getpid(), "log_level": self.log_level,
                 "log_format": self.cfg.logging.format, "request_timeout_s": s.request_timeout_s,
                 "drain_grace_s": s.drain_grace_s, "max_body": s.max_body_mb << 20,
                 "header_timeout_s": s.header_timeout_s, "body_timeout_s": s.body_timeout_s,
@@ -399,7 +400,8 @@ class Supervisor:
                    for eid, c in self.engines.items()}
         auth = self.cfg.auth
         config = {"auth": {"required": auth.required, "allow_ips": list(auth.allow_ips),
-                           "webhook_allow_cidrs": list(auth.webhook_allow_cidrs)}}
+                           "webhook_allow_cidrs": list(auth.webhook_allow_cidrs)},
+                  "log_level": self.log_level}
         models: dict[str, Any] = {}
         for (name, version), mv in sorted(self.models.items()):
             entry = models.setdefault(name, {"versions": {}})

@@ -130,7 +130,7 @@ class EngineHost:
             "infer": self.on_infer, "generate": self.on_generate, "cancel": self.on_cancel,
             "free": self.on_free, "load": self.on_load, "unload": self.on_unload,
             "stats": self.on_stats, "register_region": self.on_register,
-            "unregister_region": self.on_unregister,
+            "unregister_region": self.on_unregister, "set_log_level": self.on_log_level,
         }
 
     # -- inbound ----------------------------------------------------------------------------
@@ -246,6 +246,10 @@ class EngineHost:
     def on_unregister(self, identity: bytes, msg: P.UnregisterRegion, _b: list[Any]) -> None:
         self.regions.unregister(msg.name)
         self.io.send(identity, P.encode(P.RegionReply(msg.id, self.regions.status())))
+
+    def on_log_level(self, identity: bytes, msg: P.SetLogLevel, _b: list[Any]) -> None:
+        logging.getLogger().setLevel(msg.level.upper())
+        self.io.send(identity, P.encode(P.ControlReply(msg.id, True, {"level": msg.level})))
 
     def on_load(self, identity: bytes, msg: P.Load, _b: list[Any]) -> None:
         def work() -> None:

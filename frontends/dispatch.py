@@ -184,6 +184,9 @@ class Dispatcher:
         self.placement = msg
         if msg.config != self._config:
             self._config = msg.config
+            level = msg.config.get("log_level")     # set daemon-wide through /v2/logging
+            if level in ("debug", "info", "warning", "error"):
+                logging.getLogger().setLevel(level.upper())
             for listener in self.config_listeners:
                 try:
                     listener(msg.config)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, TypeGuard
 
 from aiohttp import web
@@ -11,14 +12,16 @@ from frontends.http.appkeys import DISPATCHER, SETTINGS
 from frontends.http.errors import request_id_of
 from frontends.http.json_body import decode_json
 from frontends.http.kserve_codec import NUMPY_TO_KSERVE, encode_outputs, parse_infer
+from frontends.http.kserve_settings import get_logging, get_trace, set_logging, set_trace
 from frontends.http.kserve_stats import statistics
 from frontends.http.security import principal_of
 
 __all__ = ["routes", "SERVER_EXTENSIONS"]
 
+log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 SERVER_EXTENSIONS = ["binary_tensor_data", "system_shared_memory", "model_repository",
-                     "model_configuration", "parameters", "statistics"]
+                     "model_configuration", "parameters", "statistics", "logging"]
 _VERSIONED = "/v2/models/{model}/versions/{version}"
 
 
@@ -41,6 +44,15 @@ async def server_metadata(request: web.Request) -> web.Response:
     from daemon import __version__
     return web.json_response({"name": "ferry", "version": __version__,
                               "extensions": SERVER_EXTENSIONS})
+
+
+# Triton's logging and trace extensions (frontends/http/kserve_settings.py). "trace" is not in
+# SERVER_EXTENSIONS: Ferry does not trace, and its settings routes say so.
+routes.get("/v2/logging")(get_logging)
+routes.post("/v2/logging")(set_logging)
+for _prefix in ("/v2", "/v2/models/{model}"):
+    routes.get(_prefix + "/trace/setting")(get_trace)
+    routes.post(_prefix + "/trace/setting")(set_trace)
 
 
 @routes.get("/v2/health/live")
@@ -126,6 +138,9 @@ async def infer(request: web.Request) -> web.Response:
     d, settings = request.app[DISPATCHER], request.app[SETTINGS]
     out_shm = {o.name: o.shm for o in parsed.outputs or () if o.shm is not None}
     timeout_s = parsed.timeout_ms / 1000 if parsed.timeout_ms else settings.request_timeout_s
+    log.debug("infer %s: %d inputs, %d by shared memory", request.match_info["model"],
+              len(parsed.arrays), len(parsed.region_refs),
+              extra={"request_id": request_id_of(request)})
     outcome = await d.infer(
         request.match_info["model"], _version(request), parsed.arrays,
         outputs=[o.name for o in parsed.outputs] if parsed.outputs else None,

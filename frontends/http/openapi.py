@@ -127,6 +127,28 @@ def _kserve_paths() -> dict[str, Schema]:
                                         stats, kserve=True)}
     _versioned(p, "/stats", "get", _op("model_stats", "Model statistics", "kserve", _INFER,
                                        stats, kserve=True))
+    log_settings = {"type": "object", "properties": {
+        "log_file": {"type": "string"}, "log_info": {"type": "boolean"},
+        "log_warnings": {"type": "boolean"}, "log_errors": {"type": "boolean"},
+        "log_verbose_level": {"type": "integer", "minimum": 0}, "log_format": {"type": "string"}}}
+    p["/v2/logging"] = {
+        "get": _op("log_settings", "Log settings (Triton's logging extension)", "kserve",
+                   _ADMIN, _ok(log_settings), kserve=True),
+        "post": _op("log_settings_update", "Change the daemon-wide log level (400: settings a "
+                    "log threshold cannot express, a log file, another format)", "kserve",
+                    _ADMIN, _ok(log_settings), body=_body(log_settings), kserve=True)}
+    trace = {"type": "object"}
+    p["/v2/trace/setting"] = {
+        "get": _op("trace_settings", "Trace settings (tracing is off; Ferry does not trace)",
+                   "kserve", _ADMIN, _ok(trace), kserve=True),
+        "post": _op("trace_settings_update", "400 trace_unsupported for anything but "
+                    "trace_level [\"OFF\"]", "kserve", _ADMIN, _ok(trace), body=_body(trace),
+                    kserve=True)}
+    p["/v2/models/{model}/trace/setting"] = {
+        method: {**_op(f"model_trace_settings{suffix}", "A model's trace settings (off)",
+                       "kserve", _INFER, _ok(trace), params=(_MODEL,), kserve=True),
+                 **({"requestBody": _body(trace)} if method == "post" else {})}
+        for method, suffix in (("get", ""), ("post", "_update"))}
     header_len = _param("Inference-Header-Content-Length", "header",
                         {"type": "integer", "minimum": 0},
                         "length of the JSON header when raw tensor bytes follow it")

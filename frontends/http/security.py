@@ -26,7 +26,7 @@ Route policies (scope needed; "open" needs none):
            POST /admin/login (its own per-address throttle).
     admin  /admin/* (always, even with auth.required = false), /v2/repository/*,
            /v2/systemsharedmemory/*, /v2/cudasharedmemory/* (mapping a segment by name is a
-           host-level power, not an inference right).
+           host-level power, not an inference right), /v2/logging, /v2/trace/setting.
     infer  /v2/models/{model}/... (infer, metadata, config, ready), /v1/* (a `{model}` in
            the route, else the `model` of a JSON body, is checked against the key's list
            before the handler runs; `authorize_model` is for routes that learn it later,
@@ -70,7 +70,8 @@ _CORS_ORIGIN = request_key("ferry_cors_origin", str)
 _MODEL = request_key("ferry_model", str)
 _OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
                           "/metrics", "/v2", "/openapi.json"})
-_ADMIN_PREFIXES = ("/v2/repository", "/v2/systemsharedmemory", "/v2/cudasharedmemory")
+_ADMIN_PREFIXES = ("/v2/repository", "/v2/systemsharedmemory", "/v2/cudasharedmemory",
+                   "/v2/logging", "/v2/trace")
 _NO_BODY_LOG = ("/admin", "/v1/batches")
 _CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 _CORS_HEADERS = ("Authorization, Content-Type, X-API-Key, X-Request-ID, "

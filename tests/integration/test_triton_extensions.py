@@ -121,5 +121,80 @@ def test_statistics_of_unknown_models_are_clear_errors(ferry, path, status, code
     assert isinstance(body["error"], str) and body["error"]
 
 
-def test_server_metadata_lists_statistics(client):
-    assert "statistics" in client.get_server_metadata()["extensions"]
+# -- server metadata, logging and trace settings ---------------------------------------------
+
+def test_server_metadata_lists_only_what_ferry_implements(client):
+    ext = set(client.get_server_metadata()["extensions"])
+    assert {"statistics", "logging", "binary_tensor_data", "system_shared_memory",
+            "model_repository", "model_configuration"} <= ext
+    # no tracing, no sequence batching, no CUDA shared memory
+    assert not ext & {"trace", "sequence", "cuda_shared_memory", "schedule_policy"}
+
+
+def _wait_for_line(ferry, text: str, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if text in ferry.log():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_log_verbose_level_changes_what_is_logged(ferry, client, images):
+    x, _ = images
+    settings = client.get_log_settings()
+    assert settings == {"log_file": "", "log_info": True, "log_warnings": True,
+                        "log_errors": True, "log_verbose_level": 0,
+                        "log_format": settings["log_format"]}
+    try:
+        loud = client.update_log_settings({"log_verbose_level": 1})
+        assert loud["log_verbose_level"] == 1 and loud["log_info"] is True
+        # another connection (maybe another worker) reads the daemon-wide setting
+        assert http_get(ferry.url + "/v2/logging")[1]["log_verbose_level"] == 1
+        client.infer("digits", [_pixels(x[:1])], headers={"X-Request-ID": "loud-req-1"})
+        assert _wait_for_line(ferry, "loud-req-1"), "no debug line at log_verbose_level 1"
+        quiet = client.update_log_settings({"log_verbose_level": 0, "log_info": False})
+        assert (quiet["log_info"], quiet["log_warnings"]) == (False, True)
+        # the same connection, the worker that applied it before answering
+        client.infer("digits", [_pixels(x[:1])], headers={"X-Request-ID": "quiet-req-1"})
+        assert "quiet-req-1" not in ferry.log()
+    finally:
+        client.update_log_settings({"log_verbose_level": 0, "log_info": True})
+    assert client.get_log_settings()["log_info"] is True
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"log_file": "/tmp/triton.log"}, 400, "log_setting_unsupported"),
+    ({"log_errors": False}, 400, "log_setting_unsupported"),
+    ({"log_warnings": False}, 400, "log_setting_unsupported"),      # info still on
+    ({"log_format": "ISO8601"}, 400, "log_setting_unsupported"),
+    ({"log_verbose_level": -1}, 400, "invalid_log_setting"),
+    ({"log_verbose_level": True}, 400, "invalid_log_setting"),
+    ({"log_info": "yes"}, 400, "invalid_log_setting"),
+    ({"log_colour": True}, 400, "invalid_log_setting"),
+])
+def test_unsupported_log_settings_are_refused(ferry, body, status, code):
+    got, answer = _post(ferry, "/v2/logging", body)
+    assert (got, answer["code"]) == (status, code), answer
+    assert http_get(ferry.url + "/v2/logging")[1]["log_verbose_level"] == 0    # unchanged
+
+
+def test_logging_body_must_be_an_object(ferry):
+    req = urllib.request.Request(ferry.url + "/v2/logging", data=b"[1]",
+                                 headers={"Content-Type": "application/json"})
+    assert request_json(req, 5.0)[0] == 400
+
+
+def test_trace_settings_read_as_off_and_refuse_enabling(ferry, client):
+    assert client.get_trace_settings()["trace_level"] == ["OFF"]
+    assert client.get_trace_settings(model_name="digits")["trace_level"] == ["OFF"]
+    assert client.update_trace_settings(settings={"trace_level": ["OFF"]})["trace_level"] \
+        == ["OFF"]
+    for path in ("/v2/trace/setting", "/v2/models/digits/trace/setting"):
+        got, body = _post(ferry, path, {"trace_level": ["TIMESTAMPS"]})
+        assert (got, body["code"]) == (400, "trace_unsupported")
+        got, body = _post(ferry, path, {"trace_rate": "5"})
+        assert (got, body["code"]) == (400, "trace_unsupported")
+        got, body = _post(ferry, path, {"tracing": "on"})
+        assert (got, body["code"]) == (400, "invalid_trace_setting")
+    assert http_get(ferry.url + "/v2/models/nope/trace/setting")[0] == 404

@@ -51,6 +51,7 @@ SAMPLES: dict[str, Callable[[Callable[..., P.TensorRef]], P.Message]] = {
     "unload": lambda t: P.Unload("u1", "digits", 2),
     "loaded": lambda t: P.Loaded("l1", "digits", 2, info={"inputs": [{"name": "pixels"}]}),
     "stats": lambda t: P.StatsQuery("s1"),
+    "set_log_level": lambda t: P.SetLogLevel("l1", "debug"),
     "stats_reply": lambda t: P.StatsReply("s1", {"requests": 10, "models": {"a": 1.5}}),
     "hello": lambda t: P.EngineHello("cpu-0", 4242, "ferry-abc-eng-4242"),
     "placement": lambda t: P.Placement(
