@@ -27,6 +27,7 @@ from engines.llm.kv_cache import PagedKVCache
 from engines.llm.latency import RequestLatency
 from engines.llm.model import ForwardBatch, LlamaModel, load_model
 from engines.llm.quant import WEIGHT_FORMATS
+from engines.llm.grammar import GrammarCompiler
 from engines.llm.sampling import Sampler, SamplingParams
 from engines.llm.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from engines.llm.sequence import Sequence
@@ -103,6 +104,7 @@ class LLMEngine(Engine):
         self.pool: BlockPool | None = None
         self.scheduler: Scheduler | None = None
         self.sampler: Sampler | None = None
+        self.grammars: GrammarCompiler | None = None   # structured outputs, set by load()
         self.max_context = 0
         self._seqs: dict[str, Sequence] = {}
         # prompt_tokens: whole prompts (cached part included) of requests that produced their
@@ -130,6 +132,7 @@ class LLMEngine(Engine):
         key = spec.sha256 or f"{spec.name}:{spec.version}:{path}"
         self.start(model, opts, model_key=key)
         cfg = model.cfg
+        self.grammars = GrammarCompiler.for_weights(Path(path), cfg.vocab_size, cfg.eos_ids)
         log.info("llm %s v%d: %d KV blocks of %d tokens (%.0f MB), context %d, %d threads",
                  spec.name, spec.version, self.pool.num_blocks, opts.block_size,
                  opts.kv_cache_mb, self.max_context, torch.get_num_threads())
@@ -213,6 +216,12 @@ class LLMEngine(Engine):
                 f"context length of {self.max_context} tokens", param=param)
         seq = Sequence.create(request.id, prompt, params, self.cfg.eos_ids,
                               request.arrival or time.monotonic(), self.device)
+        if params.structured is not None:
+            if self.grammars is None:
+                raise InvalidInput("structured outputs need the model's tokenizer, which this "
+                                   "engine was not given", code="invalid_grammar",
+                                   param="response_format")
+            seq.matcher = self.grammars.matcher(params.structured)
         self._seqs[request.id] = seq
         self.scheduler.add(seq)
 
@@ -348,6 +357,7 @@ class LLMEngine(Engine):
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
             "oldest_waiting_s": self.scheduler.oldest_wait(time.monotonic()),
             "block_size": self.pool.block_size, "latency": self.latency.to_wire(),
+            "max_num_seqs": self.scheduler.cfg.max_num_seqs,
             "preemptions": self.scheduler.num_preemptions, **self._counters,
         }
 

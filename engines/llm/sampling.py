@@ -1,6 +1,7 @@
 """Sampling parameters and a sampler vectorised over the batch.
 
 Processing order per row, all in float32 on the logits' device:
+  0. a row under a grammar (structured outputs) keeps only the tokens its matcher allows;
   1. repetition penalty over prompt + generated tokens (HF/vLLM rule: positive logits divided,
      negative ones multiplied), then OpenAI presence/frequency penalties over generated tokens;
   2. temperature (rows with temperature 0 are greedy and keep their logits);
@@ -23,11 +24,12 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from daemon.errors import InvalidInput
+from engines.llm.grammar import apply_masks, check_structured
 
 __all__ = ["SamplingParams", "SamplingRow", "SampleOutput", "Sampler", "GREEDY_EPS"]
 
@@ -58,6 +60,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: bool = False
+    structured: dict[str, Any] | None = None   # a constraint (engines/llm/grammar.py)
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise `InvalidInput` naming the first bad parameter."""
@@ -87,6 +90,7 @@ class SamplingParams:
             raise bad("logprobs", "must be a boolean")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise bad("seed", "must be an integer in [0, 2**63) or null")
+        check_structured(self.structured)
 
     def _validate_stops(self, vocab_size: int | None) -> None:
         stops = self.stop_token_ids
@@ -111,6 +115,7 @@ class SamplingRow(Protocol):
     token_ids: list[int]             # prompt + generated
     num_prompt: int
     generator: torch.Generator | None
+    matcher: Any                     # a grammar matcher (engines/llm/grammar.py) or None
 
 
 @dataclass(slots=True)
@@ -132,6 +137,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
         """`logits` [B, V] (left unchanged), one row per entry of `rows`."""
         params = [r.params for r in rows]
+        matchers = [getattr(r, "matcher", None) for r in rows]
+        if any(m is not None for m in matchers):     # constrained rows: allowed tokens only
+            logits = apply_masks(logits, matchers)
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
                for p in params):
             logits = _apply_penalties(logits.float(), rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -37,6 +38,7 @@ class Sequence:
     first_emitted: bool = False
     last_token_at: float = 0.0           # time.monotonic() of the latest token (latency stats)
     finish_reason: str | None = None
+    matcher: Any = None                  # structured outputs: its grammar's state, or None
 
     @classmethod
     def create(cls, req_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -64,6 +66,10 @@ class Sequence:
     def append(self, token_id: int) -> str | None:
         """Add a sampled token; returns the finish reason when this token ends the request."""
         self.token_ids.append(token_id)
+        if self.matcher is not None:
+            # The mask only offered tokens the grammar accepts; a complete grammar ends it.
+            if not self.matcher.consume_token(token_id) or self.matcher.is_stopped():
+                return "stop"
         if token_id in self.stop_ids:
             return "stop"
         if len(self.token_ids) - self.num_prompt >= self.params.max_tokens:
