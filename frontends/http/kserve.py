@@ -5,12 +5,15 @@ import json
 import logging
 from typing import Any, TypeGuard
 
+import numpy as np
 from aiohttp import web
 
 from daemon.errors import FerryError, InvalidInput, ModelNotFound, UnsupportedMediaType
+from frontends.dispatch import Dispatcher
 from frontends.http.appkeys import DISPATCHER, SETTINGS
 from frontends.http.errors import request_id_of
 from frontends.http.json_body import decode_json
+from frontends.http.kserve_classify import classify_output, labels_for
 from frontends.http.kserve_codec import NUMPY_TO_KSERVE, encode_outputs, parse_infer
 from frontends.http.kserve_settings import get_logging, get_trace, set_logging, set_trace
 from frontends.http.kserve_stats import statistics
@@ -147,7 +150,11 @@ async def infer(request: web.Request) -> web.Response:
         timeout_s=timeout_s, request_id=request_id_of(request),
         region_refs=parsed.region_refs, out_shm=out_shm or None)
     try:
-        entries, chunks = encode_outputs(outcome.arrays, parsed, out_shm)
+        arrays = outcome.arrays
+        classes = {o.name: o.classification for o in parsed.outputs or () if o.classification}
+        if classes:
+            arrays = _classified(d, outcome.model, outcome.version, arrays, classes)
+        entries, chunks = encode_outputs(arrays, parsed, out_shm)
     finally:
         outcome.release()
     head: dict[str, Any] = {"model_name": outcome.model, "model_version": str(outcome.version),
@@ -161,6 +168,17 @@ async def infer(request: web.Request) -> web.Response:
                         content_type="application/octet-stream")
     resp.headers["Inference-Header-Content-Length"] = str(len(head_bytes))
     return resp
+
+
+def _classified(d: Dispatcher, model: str, version: int, arrays: dict[str, np.ndarray],
+                classes: dict[str, int]) -> dict[str, np.ndarray]:
+    """The outputs with the classification parameter, as their top-k class strings."""
+    _, _, info = d.resolve(model, version)
+    entry = d.placement.models[model]["versions"][str(version)]  # type: ignore[union-attr]
+    labels = labels_for(entry)
+    batched = int(info.get("max_batch_size", 0)) > 0
+    return {name: classify_output(name, arr, classes[name], batched, labels.get(name, ()))
+            if name in classes else arr for name, arr in arrays.items()}
 
 
 # -- system shared memory (Triton extension) ---------------------------------------------------
@@ -193,7 +211,12 @@ async def shm_register(request: web.Request) -> web.Response:
 @routes.post("/v2/systemsharedmemory/unregister")
 @routes.post("/v2/systemsharedmemory/region/{region}/unregister")
 async def shm_unregister(request: web.Request) -> web.Response:
-    await request.app[DISPATCHER].unregister_region(request.match_info.get("region"))
+    try:
+        await request.app[DISPATCHER].unregister_region(request.match_info.get("region"))
+    except FerryError as exc:         # the supervisor's error, rebuilt from the wire
+        if exc.code != "shm_unknown_region":
+            raise
+        # Triton answers 200 for a region that is not registered: nothing to undo
     return web.json_response({})
 
 

@@ -33,6 +33,7 @@ class OutputRequest:
     name: str
     binary: bool
     shm: P.ShmLoc | None = None
+    classification: int = 0         # top-k classes instead of the scores (0: the scores)
 
 
 @dataclass(slots=True)
@@ -185,17 +186,27 @@ def _parse_outputs(raw: Any, binary_default: bool) -> list[OutputRequest] | None
         return None
     if not isinstance(raw, list) or len(raw) > MAX_TENSORS:
         raise _bad(f"'outputs' must be a list of at most {MAX_TENSORS}", param="outputs")
-    out = []
+    out: list[OutputRequest] = []
     for item in raw:
         if not isinstance(item, dict) or not _tensor_name(item.get("name")):
             raise _bad("every requested output needs a 'name' of 1-255 characters",
                        param="outputs")
-        params = _params(item, f"output {item['name']!r}")
+        name = item["name"]
+        if any(o.name == name for o in out):
+            raise _bad(f"output {name!r} is requested twice", "duplicate_output", name)
+        params = _params(item, f"output {name!r}")
         binary = params.get("binary_data", binary_default)
         if not isinstance(binary, bool):
-            raise _bad("binary_data must be a boolean", param=item["name"])
-        shm = _shm_loc(item["name"], params, None) if "shared_memory_region" in params else None
-        out.append(OutputRequest(item["name"], binary, shm))
+            raise _bad("binary_data must be a boolean", param=name)
+        shm = _shm_loc(name, params, None) if "shared_memory_region" in params else None
+        k = params.get("classification", 0)
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < 2**31:
+            raise _bad(f"output {name!r}: classification must be a class count >= 0",
+                       "invalid_classification", name)
+        if k and shm is not None:
+            raise _bad(f"output {name!r}: classification results are strings and cannot be "
+                       "written to a shared-memory region", "invalid_classification", name)
+        out.append(OutputRequest(name, binary, shm, k))
     return out
 
 
@@ -208,9 +219,19 @@ def encode_outputs(arrays: dict[str, np.ndarray], parsed: ParsedInfer,
     for name, arr in arrays.items():
         if wanted is not None and name not in wanted:
             continue
-        entry: dict[str, Any] = {"name": name, "datatype": NUMPY_TO_KSERVE[arr.dtype.name],
-                                 "shape": list(arr.shape)}
-        if name in out_shm:
+        strings = arr.dtype == object          # BYTES: classification results
+        entry: dict[str, Any] = {"name": name, "shape": list(arr.shape), "datatype":
+                                 "BYTES" if strings else NUMPY_TO_KSERVE[arr.dtype.name]}
+        if strings:
+            items = [bytes(b) for b in arr.reshape(-1)]
+            if wanted[name].binary if wanted is not None else parsed.binary_default:
+                # the binary-data form of BYTES: each element after its 4-byte LE length
+                packed = b"".join(len(b).to_bytes(4, "little") + b for b in items)
+                entry["parameters"] = {"binary_data_size": len(packed)}
+                chunks.append(packed)
+            else:
+                entry["data"] = [b.decode() for b in items]
+        elif name in out_shm:
             loc = out_shm[name]
             entry["parameters"] = {"shared_memory_region": loc.region,
                                    "shared_memory_byte_size": loc.nbytes}

@@ -102,7 +102,12 @@ _KSERVE: dict[str, Schema] = {
                 {"required": ["binary_data_size"]},
                 {"required": ["shared_memory_region", "shared_memory_byte_size"]}]}}}]},
     "InferOutputRequest": _obj({"name": _TENSOR_NAME,
-                                "parameters": _obj({"binary_data": _BOOL, **_SHM_PARAMS})},
+                                "parameters": _obj({
+                                    "binary_data": _BOOL, **_SHM_PARAMS,
+                                    "classification": {
+                                        "type": "integer", "minimum": 0,
+                                        "description": "top-k classes as BYTES "
+                                                       "\"score:index[:label]\""}})},
                                ("name",)),
     "InferRequest": _obj({
         "id": _STR,

@@ -198,3 +198,53 @@ def test_trace_settings_read_as_off_and_refuse_enabling(ferry, client):
         got, body = _post(ferry, path, {"tracing": "on"})
         assert (got, body["code"]) == (400, "invalid_trace_setting")
     assert http_get(ferry.url + "/v2/models/nope/trace/setting")[0] == 404
+
+
+# -- infer-request corner cases Triton defines -------------------------------------------------
+
+def test_unregistering_an_unknown_region_succeeds_as_in_triton(ferry, client):
+    client.unregister_system_shared_memory("never-registered")       # raises on a 4xx
+    got, body = _post(ferry, "/v2/systemsharedmemory/region/never-registered/unregister", {})
+    assert (got, body) == (200, {})
+    assert client.get_system_shared_memory_status() == []
+
+
+def test_duplicate_output_names_are_refused(client, images):
+    x, _ = images
+    outs = [th.InferRequestedOutput("probabilities"), th.InferRequestedOutput("probabilities")]
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("digits", [_pixels(x[:1])], outputs=outs)
+    assert err.value.status() == "400" and "twice" in err.value.message()
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_classification_answers_top_k_labels(client, images, binary):
+    x, _ = images
+    out = th.InferRequestedOutput("probabilities", binary_data=binary, class_count=3)
+    res = client.infer("digits", [_pixels(x[:4], binary)], outputs=[out])
+    assert res.get_output("probabilities")["datatype"] == "BYTES"
+    classes = res.as_numpy("probabilities")
+    assert classes.shape == (4, 3)
+    scores = client.infer("digits", [_pixels(x[:4])]).as_numpy("probabilities")
+    for row, s in zip(classes, scores):
+        parsed = [c.decode() if isinstance(c, bytes) else str(c) for c in row]
+        fields = [p.split(":") for p in parsed]
+        # score:index:label, best first; digits' labels are the digits themselves
+        assert [int(f[1]) for f in fields] == list(np.argsort(-s, kind="stable")[:3])
+        assert all(f[2] == f[1] for f in fields)
+        assert float(fields[0][0]) == pytest.approx(float(s.max()), abs=1e-6)
+
+
+@pytest.mark.parametrize("params, code", [
+    ({"classification": -1}, "invalid_classification"),
+    ({"classification": "3"}, "invalid_classification"),
+    ({"classification": True}, "invalid_classification"),
+    ({"classification": 2, "shared_memory_region": "r", "shared_memory_byte_size": 8},
+     "invalid_classification"),
+])
+def test_bad_classification_parameters_are_clear_400s(ferry, params, code):
+    body = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64],
+                        "data": [0.0] * 64}],
+            "outputs": [{"name": "probabilities", "parameters": params}]}
+    got, answer = _post(ferry, "/v2/models/digits/infer", body)
+    assert (got, answer["code"]) == (400, code), answer

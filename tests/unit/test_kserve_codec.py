@@ -439,3 +439,39 @@ def _near_valid(draw: st.DrawFn) -> tuple[bytes, str | None]:
 @given(case=_near_valid())
 def test_fuzz_near_valid_requests(case):
     _parse_or_refuse(*case)
+
+
+def test_duplicate_outputs_and_bad_classification_are_refused():
+    from frontends.http.kserve_codec import parse_infer as _parse
+    base = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+    for outputs, code in (([{"name": "y"}, {"name": "y"}], "duplicate_output"),
+                          ([{"name": "y", "parameters": {"classification": -2}}],
+                           "invalid_classification")):
+        with pytest.raises(InvalidInput) as err:
+            _parse(json.dumps({**base, "outputs": outputs}).encode(), None)
+        assert err.value.code == code
+    ok = _parse(json.dumps({**base, "outputs": [{"name": "y", "parameters": {
+        "classification": 2}}]}).encode(), None)
+    assert ok.outputs[0].classification == 2
+
+
+def test_classification_strings_in_both_forms():
+    from frontends.http.kserve_classify import classify_output
+    from frontends.http.kserve_codec import encode_outputs, parse_infer as _parse
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]], dtype=np.float32)
+    classes = classify_output("y", scores, 2, True, ("a", "b", "c"))
+    assert classes.tolist() == [[b"0.700000:1:b", b"0.200000:2:c"],
+                                [b"0.500000:0:a", b"0.250000:1:b"]]
+    assert classify_output("y", scores[0], 5, False, ()).tolist() == [
+        b"0.700000:1", b"0.200000:2", b"0.100000:0"]
+    for binary in (False, True):
+        parsed = _parse(json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1],
+                                                "data": [1.0]}], "outputs": [{"name": "y",
+                        "parameters": {"classification": 2, "binary_data": binary}}]}).encode(),
+                        None)
+        entries, chunks = encode_outputs({"y": classes}, parsed, {})
+        assert entries[0]["datatype"] == "BYTES" and entries[0]["shape"] == [2, 2]
+        if binary:
+            assert chunks[0][:4] == (12).to_bytes(4, "little") and chunks[0][4:16] == b"0.700000:1:b"
+        else:
+            assert entries[0]["data"][0] == "0.700000:1:b"
