@@ -39,7 +39,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from daemon.egress import EgressPolicy
-from daemon.errors import FerryError, InternalError, InvalidInput
+from daemon.errors import FerryError, InternalError, InvalidInput, Overloaded
 from daemon.state.batches import BatchItem, BatchStore, JobStatus, signature_header, webhook_body
 
 __all__ = ["BatchRunner", "ItemExecutor", "ItemCharger", "INFER_URL", "TEXT_URLS", "OWNER"]
@@ -268,13 +268,16 @@ class BatchRunner:
                 self._waiting[owner] -= 1
 
     async def _execute(self, item: BatchItem) -> tuple[dict | None, dict | None]:
-        try:
-            return {"status_code": 200, "body": await self.execute(item)}, None
-        except FerryError as exc:
-            return None, exc.to_wire()
-        except Exception as exc:   # a defect, not the request's: fail the item, go on
-            log.exception("batch %s item %d failed", item.job_id, item.idx)
-            return None, InternalError(f"internal error: {exc}").to_wire()
+        while True:
+            try:
+                return {"status_code": 200, "body": await self.execute(item)}, None
+            except Overloaded as exc:   # load shedding: an item waits its turn, never fails
+                await asyncio.sleep(min(max(exc.retry_after, 0.05), 5.0))
+            except FerryError as exc:
+                return None, exc.to_wire()
+            except Exception as exc:   # a defect, not the request's: fail the item, go on
+                log.exception("batch %s item %d failed", item.job_id, item.idx)
+                return None, InternalError(f"internal error: {exc}").to_wire()
 
     # -- webhooks -----------------------------------------------------------------------------
     async def _send_webhooks(self) -> None:

@@ -46,6 +46,11 @@ class ServerConfig:
     max_connections: int = 512
     drain_grace_s: float = 30.0
     cors_origins: tuple[str, ...] = ()
+    # Load shedding (0: off): a generation that would make more than max_waiting requests wait
+    # in an engine's queue, or join a queue whose oldest request has waited max_queue_wait_s,
+    # gets 429 overloaded + Retry-After before it costs anything (frontends/load_shed.py).
+    max_waiting: int = 0
+    max_queue_wait_s: float = 0.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -223,6 +228,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"server.{key}", "must be > 0")
     if s.max_connections < 1:
         raise ConfigError("server.max_connections", "must be at least 1")
+    if not 0 <= s.max_waiting <= 1_000_000:
+        raise ConfigError("server.max_waiting", "must be 0 (off) .. 1000000")
+    if not 0 <= s.max_queue_wait_s <= 86400:   # written so that nan fails too
+        raise ConfigError("server.max_queue_wait_s", "must be 0 (off) .. 86400 seconds")
     if cfg.engines.threads < 0:
         raise ConfigError("engines.threads", "must be >= 0 (0: library default)")
     if not cfg.engines.restart_backoff_s or not all(b >= 0 for b in cfg.engines.restart_backoff_s):

@@ -9,8 +9,8 @@ from __future__ import annotations
 __all__ = [
     "FerryError", "InvalidInput", "ContextLengthExceeded", "ModelNotFound", "ModelUnavailable",
     "Busy", "DeadlineExceeded", "PayloadTooLarge", "UnsupportedMediaType", "Unauthorized",
-    "Forbidden", "RateLimited", "ProtocolMismatch", "EngineDied", "Cancelled", "InternalError",
-    "ConfigError", "error_from_wire",
+    "Forbidden", "RateLimited", "Overloaded", "ProtocolMismatch", "EngineDied", "Cancelled",
+    "InternalError", "ConfigError", "error_from_wire",
 ]
 
 
@@ -81,6 +81,13 @@ class RateLimited(FerryError):
     def __init__(self, message: str, *, retry_after: float = 1.0, **kw) -> None:
         super().__init__(message, **kw)
         self.retry_after = retry_after
+
+
+class Overloaded(RateLimited):
+    """Load shedding: the engine's queue is over `[server] max_waiting` / `max_queue_wait_s`;
+    a router retries on another host, a client after Retry-After."""
+
+    code = "overloaded"
 
 
 class ProtocolMismatch(FerryError):

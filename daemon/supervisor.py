@@ -401,7 +401,9 @@ class Supervisor:
         auth = self.cfg.auth
         config = {"auth": {"required": auth.required, "allow_ips": list(auth.allow_ips),
                            "webhook_allow_cidrs": list(auth.webhook_allow_cidrs)},
-                  "log_level": self.log_level}
+                  "log_level": self.log_level,
+                  "load_shedding": {"max_waiting": self.cfg.server.max_waiting,
+                                    "max_queue_wait_s": self.cfg.server.max_queue_wait_s}}
         models: dict[str, Any] = {}
         for (name, version), mv in sorted(self.models.items()):
             entry = models.setdefault(name, {"versions": {}})

@@ -25,6 +25,7 @@ from daemon import protocol as P
 from daemon.errors import (EngineDied, FerryError, ModelNotFound, ModelUnavailable,
                            error_from_wire)
 from daemon.shm import Arena, RegionMap
+from frontends.load_shed import LoadShedder
 from frontends.tensor_io import Packed, pack, unpack
 from frontends.zmq_reader import LoopSocket
 
@@ -126,6 +127,8 @@ class Dispatcher:
         # Called with Placement.config whenever it changes (a SIGHUP reload of the settings
         # frontends apply live, e.g. access control).
         self.config_listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.shedder = LoadShedder(self.call_engine)     # [server] max_waiting / max_queue_wait_s
+        self.config_listeners.append(self.shedder.reconfigure)
         self._config: dict[str, Any] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -393,6 +396,7 @@ class Dispatcher:
         `deadline_exceeded`: every path (SSE, JSON, WebSocket, ZMQ, batch items) ends here."""
         name, ver, _info = await self.resolve_fresh(model, version)
         link = self._pick_engine((name, ver))
+        await self.shedder.check(link.engine, name, ver)   # 429 overloaded before any cost
         prompt = np.asarray(prompt_ids, dtype=np.int32)
         rid = uuid.uuid4().hex
         ref = P.TensorRef("prompt", "int32", (len(prompt_ids),), frame=0)

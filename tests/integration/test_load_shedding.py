@@ -1,0 +1,122 @@
+"""Load shedding on a real daemon with the demo LLM: `[server] max_waiting` and
+`max_queue_wait_s` refuse a generation with 429 `overloaded` (Retry-After) on every path before
+the engine sees it, and admit again once the queue drains."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+
+from daemon.errors import FerryError
+from frontends.client import AsyncFerryClient
+from tests.integration.daemon_proc import Daemon, wait_until
+from tests.integration.test_vllm_metrics import (MAX_NUM_SEQS, Streams, body, idle, llm_repo,
+                                                 scrape, value)
+
+pytestmark = pytest.mark.timeout(60)
+
+MAX_WAITING = 2
+MAX_QUEUE_WAIT_S = 3.0
+HOLD_TOKENS = 600           # tens of seconds of decoding on a CPU: the streams stay in flight
+
+
+@pytest.fixture(scope="module")
+def shed(demo_models, tmp_path_factory):
+    d = Daemon(llm_repo(tmp_path_factory.mktemp("repo")), workers=1,
+               server_extra=f"max_waiting = {MAX_WAITING}\nmax_queue_wait_s = {MAX_QUEUE_WAIT_S}",
+               env={"FERRY_TORCH_THREADS": "1"}).start(timeout_s=180)
+    yield d
+    assert d.stop() == 0, d.log()[-4000:]
+
+
+def waiting(d: Daemon) -> float:
+    return value(scrape(d), "vllm:num_requests_waiting")
+
+
+def accepted(d: Daemon) -> float:
+    return value(scrape(d), "ferry_engine_requests", "ferry_engine_requests_total")
+
+
+async def until(cond, what: str, timeout_s: float = 20.0) -> None:
+    await asyncio.to_thread(wait_until, cond, timeout_s, what)
+
+
+async def http(d: Daemon, path: str, payload: dict) -> tuple[int, dict, dict]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(d.url + path, json=payload) as r:
+            return r.status, dict(r.headers), json.loads(await r.read())
+
+
+async def websocket(d: Daemon) -> dict:
+    async with aiohttp.ClientSession() as s, s.ws_connect(d.url + "/v1/ws") as ws:
+        await ws.send_json({"type": "inference", "id": "w", "prompt": "Hello",
+                            "model": "smollm2", "max_tokens": 4})
+        while True:
+            msg = json.loads((await ws.receive(timeout=30)).data)
+            if msg["type"] in ("error", "complete"):
+                return msg
+
+
+async def zmq(d: Daemon) -> FerryError | None:
+    client = AsyncFerryClient(d.zmq_endpoint, timeout_s=30)
+    try:
+        async for _ in client.generate("smollm2", [1, 2, 3, 4], {"max_tokens": 2}):
+            pass
+    except FerryError as exc:
+        return exc
+    finally:
+        await client.close()
+    return None
+
+
+def assert_overloaded(status: int, headers: dict, payload: dict, why: str) -> None:
+    assert status == 429, payload
+    assert payload["error"]["code"] == "overloaded", payload
+    assert why in payload["error"]["message"], payload
+    assert int(headers["Retry-After"]) >= 1
+
+
+def test_a_full_queue_refuses_every_path_before_the_engine_sees_it(shed):
+    async def run() -> None:
+        # two running and two waiting: one more would make three wait
+        async with Streams(shed.url, MAX_NUM_SEQS + MAX_WAITING, max_tokens=HOLD_TOKENS):
+            await until(lambda: waiting(shed) == MAX_WAITING, "a full queue")
+            before = accepted(shed)
+            assert_overloaded(*await http(shed, "/v1/completions", body("Hi", 4)), "is full")
+            # a stream is refused with a status, not with an error event after a 200
+            assert_overloaded(*await http(shed, "/v1/chat/completions", {
+                "model": "smollm2", "max_tokens": 4, "stream": True,
+                "messages": [{"role": "user", "content": "Hi"}]}), "is full")
+            msg = await websocket(shed)
+            assert msg["type"] == "error" and msg["code"] == "overloaded", msg
+            exc = await zmq(shed)
+            assert exc is not None and exc.code == "overloaded" and exc.status == 429, exc
+            assert accepted(shed) == before            # the engine never got them
+            assert waiting(shed) == MAX_WAITING
+        # the streams closed: the queue drains and generations are admitted again
+        await until(lambda: idle(shed), "an idle engine")
+        status, _, payload = await http(shed, "/v1/completions", body("Hi", 4))
+        assert status == 200 and payload["usage"]["completion_tokens"] == 4
+    asyncio.run(run())
+
+
+def test_a_queue_whose_head_waited_too_long_refuses_new_work(shed):
+    async def run() -> None:
+        async with Streams(shed.url, MAX_NUM_SEQS + 1, max_tokens=HOLD_TOKENS):
+            queued_at = time.monotonic()
+            await until(lambda: waiting(shed) == 1, "one queued request")
+            # within the wait limit and under max_waiting: admitted (it queues)
+            assert time.monotonic() - queued_at < MAX_QUEUE_WAIT_S - 1
+            async with Streams(shed.url, 1, max_tokens=4):
+                await until(lambda: waiting(shed) == 2, "the second queued request")
+            await until(lambda: waiting(shed) == 1, "the cancelled one to leave")
+            await until(lambda: time.monotonic() - queued_at > MAX_QUEUE_WAIT_S + 0.2,
+                        "the queued request to pass the wait limit")
+            assert_overloaded(*await http(shed, "/v1/completions", body("Hi", 4)),
+                              "have waited")
+            assert waiting(shed) == 1
+    asyncio.run(run())
+    wait_until(lambda: idle(shed), 30, "an idle engine")
