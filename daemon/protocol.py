@@ -36,6 +36,9 @@ DTYPES = frozenset({
 })
 MAX_RANK = 16
 MAX_HEADER = 1 << 24
+MAX_TIMEOUT_MS = 2**31 - 1      # 24.8 days; a receiver's arithmetic on more overflows the wire
+# Integer fields whose range a receiver relies on, beyond their type.
+_INT_RANGES = {"timeout_ms": (0, MAX_TIMEOUT_MS)}
 
 
 class BadMessage(InvalidInput):
@@ -369,6 +372,9 @@ def _check_field(name: str, annotation: str, value: Any) -> None:
         if typ is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _need(ok, f"field {name!r} must be {base}")
+        if name in _INT_RANGES:
+            lo, hi = _INT_RANGES[name]
+            _need(lo <= value <= hi, f"field {name!r} must lie in [{lo}, {hi}]")
     elif base.startswith("list[int]"):
         _need(isinstance(value, list) and all(isinstance(x, int) for x in value),
               f"field {name!r} must be a list of int")

@@ -189,6 +189,8 @@ class ZmqFrontend:
         if len(data) != ref.nbytes or ref.dtype not in ("int32", "int64"):
             raise InvalidInput("prompt must be int32/int64 token ids", code="invalid_input")
         ids = np.frombuffer(data, dtype=ref.dtype).tolist()
+        if ids and not -2**31 <= min(ids) <= max(ids) < 2**31:   # ids travel on as int32
+            raise InvalidInput("a prompt token id is outside the vocabulary", param="prompt")
         stream = await self.d.generate(msg.model, msg.version or None, ids, msg.params,
                                        msg.request_id)
         self.streams[(identity, msg.id)] = stream
