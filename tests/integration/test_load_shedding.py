@@ -120,3 +120,38 @@ def test_a_queue_whose_head_waited_too_long_refuses_new_work(shed):
             assert waiting(shed) == 1
     asyncio.run(run())
     wait_until(lambda: idle(shed), 30, "an idle engine")
+
+
+def test_batch_items_wait_for_room_instead_of_failing(shed):
+    async def call(method: str, path: str, payload: dict | None = None) -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as s:
+            async with s.request(method, shed.url + path, json=payload) as r:
+                return r.status, await r.json(content_type=None)
+
+    async def run() -> list[dict]:
+        async with Streams(shed.url, MAX_NUM_SEQS + MAX_WAITING, max_tokens=HOLD_TOKENS):
+            await until(lambda: waiting(shed) == MAX_WAITING, "a full queue")
+            status, job = await call("POST", "/v1/batches", {
+                "endpoint": "/v1/completions",
+                "requests": [{"model": "smollm2", "prompt": f"Item {i}", "max_tokens": 2,
+                              "ignore_eos": True} for i in range(2)]})
+            assert status == 201, job
+            status, seen = await call("GET", f"/v1/batches/{job['id']}")
+            assert seen["ferry_status"] != "completed", seen
+            assert waiting(shed) == MAX_WAITING          # the items did not join the queue
+        # room again: the items run
+        deadline = time.monotonic() + 40
+        while True:
+            status, seen = await call("GET", f"/v1/batches/{job['id']}")
+            if seen["ferry_status"] == "completed":
+                break
+            assert time.monotonic() < deadline, seen
+            await asyncio.sleep(0.1)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(shed.url + f"/v1/batches/{job['id']}/results?format=jsonl") as r:
+                return [json.loads(line) for line in (await r.text()).splitlines()]
+    rows = asyncio.run(run())
+    assert len(rows) == 2
+    for row in rows:
+        assert row["error"] is None and row["response"]["status_code"] == 200, row
+        assert row["response"]["body"]["usage"]["completion_tokens"] == 2
