@@ -37,6 +37,11 @@ _COUNTERS = (
     ("prefix_hits", "vllm:prefix_cache_hits",
      "Prefix cache hits, in terms of number of cached tokens."),
     ("preemptions", "vllm:num_preemptions", "Cumulative number of preemption from the engine."),
+    # vLLM's names before 0.9, still read by routers and dashboards built then
+    ("prefix_queries", "vllm:gpu_prefix_cache_queries", "GPU prefix cache queries, in terms of "
+     "number of queried tokens. DEPRECATED: Use vllm:prefix_cache_queries instead."),
+    ("prefix_hits", "vllm:gpu_prefix_cache_hits", "GPU prefix cache hits, in terms of number "
+     "of cached tokens. DEPRECATED: Use vllm:prefix_cache_hits instead."),
 )
 # (latency key, vLLM name, help)
 _HISTOGRAMS = (
@@ -118,8 +123,8 @@ def vllm_families(stats: dict[str, dict[str, Any]]) -> list[Metric]:
                                labels=_LABELS)
     info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine "
                              "CacheConfig", labels=["block_size", "num_gpu_blocks", *_LABELS])
-    counters = {attr: CounterMetricFamily(name, doc, labels=_LABELS)
-                for attr, name, doc in _COUNTERS}
+    counters = [(attr, CounterMetricFamily(name, doc, labels=_LABELS))
+                for attr, name, doc in _COUNTERS]
     histograms = {key: HistogramMetricFamily(name, doc, labels=_LABELS)
                   for key, name, doc in _HISTOGRAMS}
     for load in loads:
@@ -130,13 +135,14 @@ def vllm_families(stats: dict[str, dict[str, Any]]) -> list[Metric]:
         gpu_kv.add_metric(values, load.kv_usage)
         for block_size, blocks in sorted(load.cache_configs):
             info.add_metric([str(block_size), str(blocks), *values], 1.0)
-        for attr, fam in counters.items():
+        for attr, fam in counters:
             fam.add_metric(values, float(getattr(load, attr)))
         for key, hist in histograms.items():
             h = load.latency.get(key)
             if h is not None:
                 hist.add_metric(values, _cumulative(h), float(h["sum"]))
-    return [running, waiting, kv, gpu_kv, info, *counters.values(), *histograms.values()]
+    return [running, waiting, kv, gpu_kv, info, *(fam for _, fam in counters),
+            *histograms.values()]
 
 
 def _cumulative(h: dict[str, Any]) -> list[tuple[str, float]]:

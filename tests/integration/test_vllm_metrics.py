@@ -122,7 +122,8 @@ def test_families_have_vllm_names_types_and_labels(llm):
              "vllm:kv_cache_usage_perc": "gauge", "vllm:gpu_cache_usage_perc": "gauge",
              "vllm:cache_config_info": "gauge", "vllm:prompt_tokens": "counter",
              "vllm:generation_tokens": "counter", "vllm:prefix_cache_queries": "counter",
-             "vllm:prefix_cache_hits": "counter",
+             "vllm:prefix_cache_hits": "counter", "vllm:gpu_prefix_cache_hits": "counter",
+             "vllm:gpu_prefix_cache_queries": "counter",
              "vllm:time_to_first_token_seconds": "histogram",
              "vllm:inter_token_latency_seconds": "histogram",
              "vllm:e2e_request_latency_seconds": "histogram"}
@@ -160,6 +161,8 @@ def test_token_counts_and_latencies_match_known_load(llm):
         assert delta("vllm:generation_tokens", "vllm:generation_tokens_total") == gen_total
         assert delta("vllm:prefix_cache_queries",
                      "vllm:prefix_cache_queries_total") == prompt_total
+        assert delta("vllm:gpu_prefix_cache_queries",
+                     "vllm:gpu_prefix_cache_queries_total") == prompt_total
         assert delta("vllm:time_to_first_token_seconds",
                      "vllm:time_to_first_token_seconds_count") == len(prompts)
         assert delta("vllm:e2e_request_latency_seconds",
