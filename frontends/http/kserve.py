@@ -24,7 +24,8 @@ __all__ = ["routes", "SERVER_EXTENSIONS"]
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 SERVER_EXTENSIONS = ["binary_tensor_data", "system_shared_memory", "model_repository",
-                     "model_configuration", "parameters", "statistics", "logging"]
+                     "model_configuration", "parameters", "statistics", "logging",
+                     "classification"]
 _VERSIONED = "/v2/models/{model}/versions/{version}"
 
 

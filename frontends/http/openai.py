@@ -7,7 +7,8 @@ events in OpenAI's chunk format ending with `data: [DONE]`. Errors use the OpenA
 cancels its engine requests at once (frontends/http/sse.py).
 
 Extensions beyond OpenAI, as vLLM names them: top_k, min_p, repetition_penalty, ignore_eos,
-stop_token_ids; a model may be named `name:version` to pin a version.
+stop_token_ids; a model may be named `name:version` to pin a version. vLLM's `/health` probe
+is here too, and its `/tokenize` and `/detokenize` (frontends/http/tokenization.py).
 """
 from __future__ import annotations
 
@@ -46,8 +47,10 @@ _CLIENT_CLOSED = 499
 
 
 def setup(app: web.Application) -> None:
+    from frontends.http.tokenization import routes as tokenization_routes   # imports this
     install(app)
     app.add_routes(routes)
+    app.add_routes(tokenization_routes)
 
 
 async def read_json(request: web.Request) -> Any:
@@ -56,6 +59,13 @@ async def read_json(request: web.Request) -> Any:
         raise UnsupportedMediaType(f"content type {ctype!r} is not accepted; send "
                                    "'Content-Type: application/json'")
     return decode_json(await request.read())
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    """vLLM's probe: 200 (no body) once the daemon is ready to serve, else 503."""
+    pl = request.app[DISPATCHER].placement
+    return web.Response(status=200 if pl is not None and pl.state == "ready" else 503)
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -207,16 +217,16 @@ async def _stream(sse: SSEResponse, gen: Generation, tm: TextModel, params: GenP
     if params.include_usage:
         head["usage"] = None
     offsets = [len(e) for e in echoes]
-    await sse.open()
+    await sse.open()        # the headers go out at once, before the first token
     for i, echo in enumerate(echoes):
-        # Chat streams open every choice with its role, as OpenAI does; this also sends the
-        # headers at once rather than with the first token.
-        if shape.chat or echo:
-            await sse.send({**head, "choices": [shape.delta(i, "" if shape.chat else echo,
-                                                           None, None, role=True)]})
+        if echo:
+            await sse.send({**head, "choices": [shape.delta(i, echo, None, None)]})
+    # A chat choice's role rides on its first generated content, as vLLM sends it: a client
+    # that stamps time to first token on the first chunk then measures the real one.
+    unroled = set(range(len(echoes))) if shape.chat else set()
     try:
         async for p in gen.pieces():
-            await _send_piece(sse, p, tm, shape, head, offsets)
+            await _send_piece(sse, p, tm, shape, head, offsets, unroled)
     except FerryError as exc:
         log.warning("stream %s failed: %s", head["id"], exc.message)
         # The headers went out already: the error travels as an event, which the OpenAI
@@ -231,14 +241,19 @@ async def _stream(sse: SSEResponse, gen: Generation, tm: TextModel, params: GenP
 
 
 async def _send_piece(sse: SSEResponse, p: Piece, tm: TextModel, shape: _Shape,
-                      head: dict[str, Any], offsets: list[int]) -> None:
+                      head: dict[str, Any], offsets: list[int], unroled: set[int]) -> None:
     lp = shape.logprobs(tm, p.token_ids, p.logprobs, offsets[p.index])
     offsets[p.index] += len(p.text)
     if p.text or (lp and p.finish_reason is None):
-        await sse.send({**head, "choices": [shape.delta(p.index, p.text, None, lp)]})
+        role = p.index in unroled
+        unroled.discard(p.index)
+        await sse.send({**head, "choices": [shape.delta(p.index, p.text, None, lp, role)]})
         lp = None
     if p.finish_reason is not None:
-        await sse.send({**head, "choices": [shape.delta(p.index, None, p.finish_reason, lp)]})
+        role = p.index in unroled       # a choice that ended without any content
+        unroled.discard(p.index)
+        await sse.send({**head, "choices": [shape.delta(p.index, None, p.finish_reason, lp,
+                                                       role)]})
 
 
 # -- embeddings ---------------------------------------------------------------------------------

@@ -304,6 +304,10 @@ def parse_chat(body: Any) -> ChatRequest:
             raise _bad("top_logprobs", "> 0 is not supported by this server; the sampled "
                        "token's logprob is returned with 'logprobs': true",
                        "unsupported_parameter")
+    choice = body.get("tool_choice")
+    if choice is not None and choice != "none" and not body.get("tools"):
+        # vLLM's rule: a tool choice other than "none" names tools the request must carry
+        raise _bad("tool_choice", "needs 'tools': when using tool_choice, tools must be set")
     if body.get("tools") or body.get("functions"):
         param = "tools" if body.get("tools") else "functions"
         raise _bad(param, "are not supported by this server (no tool calling)",

@@ -245,6 +245,26 @@ def _openai_paths() -> dict[str, Schema]:
         "/v1/embeddings": {"post": _op(
             "embeddings", "Embeddings (tensor models with a tokenizer)", "openai", _INFER,
             _ok(_ref("EmbeddingList")), body=_body(_ref("EmbeddingRequest")))},
+        "/tokenize": {"post": _op(
+            "tokenize", "vLLM's tokenize: a prompt, or chat messages through the chat template",
+            "openai", _INFER, _ok({"type": "object", "required": ["count", "tokens"],
+                                   "properties": {"count": {"type": "integer"},
+                                                  "max_model_len": {"type": "integer"},
+                                                  "tokens": {"type": "array"},
+                                                  "token_strs": {"type": ["array", "null"]}}}),
+            body=_body({"type": "object", "properties": {
+                "model": {"type": "string"}, "prompt": {"type": "string"},
+                "messages": {"type": "array"}, "add_special_tokens": {"type": "boolean"},
+                "add_generation_prompt": {"type": "boolean"},
+                "return_token_strs": {"type": "boolean"}}}))},
+        "/detokenize": {"post": _op(
+            "detokenize", "vLLM's detokenize", "openai", _INFER,
+            _ok({"type": "object", "properties": {"prompt": {"type": "string"}}}),
+            body=_body({"type": "object", "required": ["tokens"], "properties": {
+                "model": {"type": "string"},
+                "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}}}}))},
+        "/health": {"get": _op("health", "vLLM's probe: 200 when ready (no body)", "health",
+                               _OPEN, {**_ok(None, "ready"), **_NOT_READY})},
         "/v1/ws": {"get": _op(
             "websocket", "WebSocket: `auth`, `inference`, `cancel`, `ping` messages (see "
             "frontends/http/ws.py)", "openai", _INFER,

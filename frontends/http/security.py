@@ -20,7 +20,7 @@ For every request, in this order:
 
 Route policies (scope needed; "open" needs none):
 
-    open   GET /healthz, /readyz, /v2/health/live|ready, /metrics, /v2 (server metadata),
+    open   GET /healthz, /readyz, /health, /v2/health/live|ready, /metrics, /v2 (server metadata),
            /openapi.json: probes, scrapers and API tooling carry no keys; they expose states,
            counters and the API's description, no data.
            POST /admin/login (its own per-address throttle).
@@ -68,8 +68,8 @@ _ADMISSION = request_key("ferry_admission", Admission)
 _PRINCIPAL = request_key("ferry_principal", Principal)
 _CORS_ORIGIN = request_key("ferry_cors_origin", str)
 _MODEL = request_key("ferry_model", str)
-_OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
-                          "/metrics", "/v2", "/openapi.json"})
+_OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/health", "/v2/health/live",
+                          "/v2/health/ready", "/metrics", "/v2", "/openapi.json"})
 _ADMIN_PREFIXES = ("/v2/repository", "/v2/systemsharedmemory", "/v2/cudasharedmemory",
                    "/v2/logging", "/v2/trace")
 _NO_BODY_LOG = ("/admin", "/v1/batches")
