@@ -70,7 +70,9 @@ def test_statistics_count_every_inference(client, images):
     for i in range(5):
         client.infer("digits", [_pixels(x[2 * i:2 * i + 2])])      # 5 requests of 2 rows
     after = _digits_stat(client.get_inference_statistics("digits", "1"))
-    grew = lambda key: after["inference_stats"][key]["count"] - before["inference_stats"][key]["count"]  # noqa: E731
+
+    def grew(key: str) -> int:
+        return after["inference_stats"][key]["count"] - before["inference_stats"][key]["count"]
     assert after["inference_count"] - before["inference_count"] == 10
     assert grew("success") == 5 and grew("queue") == 5 and grew("compute_infer") == 5
     assert grew("fail") == 0
@@ -106,7 +108,8 @@ def test_failed_requests_are_counted(client, images):
     with pytest.raises(InferenceServerException):
         client.infer("digits", [_pixels(x[:1, :32].copy())])       # 32 pixels, not 64
     after = _digits_stat(client.get_inference_statistics("digits"))
-    assert after["inference_stats"]["fail"]["count"] == before["inference_stats"]["fail"]["count"] + 1
+    fails = [s["inference_stats"]["fail"]["count"] for s in (before, after)]
+    assert fails[1] == fails[0] + 1
     assert after["inference_count"] == before["inference_count"]
 
 
@@ -125,8 +128,8 @@ def test_statistics_of_unknown_models_are_clear_errors(ferry, path, status, code
 
 def test_server_metadata_lists_only_what_ferry_implements(client):
     ext = set(client.get_server_metadata()["extensions"])
-    assert {"statistics", "logging", "binary_tensor_data", "system_shared_memory",
-            "model_repository", "model_configuration"} <= ext
+    assert {"statistics", "logging", "classification", "binary_tensor_data",
+            "system_shared_memory", "model_repository", "model_configuration"} <= ext
     # no tracing, no sequence batching, no CUDA shared memory
     assert not ext & {"trace", "sequence", "cuda_shared_memory", "schedule_policy"}
 

@@ -472,6 +472,7 @@ def test_classification_strings_in_both_forms():
         entries, chunks = encode_outputs({"y": classes}, parsed, {})
         assert entries[0]["datatype"] == "BYTES" and entries[0]["shape"] == [2, 2]
         if binary:
-            assert chunks[0][:4] == (12).to_bytes(4, "little") and chunks[0][4:16] == b"0.700000:1:b"
+            assert chunks[0][:4] == (12).to_bytes(4, "little")
+            assert chunks[0][4:16] == b"0.700000:1:b"
         else:
             assert entries[0]["data"][0] == "0.700000:1:b"
