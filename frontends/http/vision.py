@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from daemon.errors import FerryError, InvalidInput, PayloadTooLarge, UnsupportedMediaType
@@ -168,16 +168,21 @@ async def _read_image(request: web.Request, limit: int) -> bytes:
                                    "multipart/form-data in a field named 'file', or as the "
                                    "body with Content-Type image/png or image/jpeg")
     data: bytes | None = None
+    used = 0        # every part counts: a huge form field is refused like a huge image
     try:
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
-            if getattr(part, "name", None) not in FILE_FIELDS:
-                await part.release()
-                continue
-            if data is not None:
+            if not isinstance(part, BodyPartReader):
+                raise InvalidInput("nested multipart bodies are not accepted",
+                                   code="invalid_multipart")
+            is_file = part.name in FILE_FIELDS
+            if is_file and data is not None:
                 raise InvalidInput("send one image per request", code="too_many_files",
                                    param="file")
-            data = await _read_part(part, limit)
+            body, size = await _read_part(part, limit - used, limit, keep=is_file)
+            used += size
+            if is_file:
+                data = body
     # aiohttp's errors for a malformed body
     except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
         raise InvalidInput(f"malformed multipart body: {exc}", code="invalid_multipart") from None
@@ -187,15 +192,18 @@ async def _read_image(request: web.Request, limit: int) -> bytes:
     return data
 
 
-async def _read_part(part: Any, limit: int) -> bytes:
+async def _read_part(part: BodyPartReader, room: int, limit: int, keep: bool
+                     ) -> tuple[bytes, int]:
+    """The part's bytes (b"" unless `keep`) and size; 413 once it needs more than `room`."""
     chunks, size = [], 0
     while chunk := await part.read_chunk(1 << 16):
         size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the image exceeds the upload limit of {limit} bytes",
+        if size > room:
+            raise PayloadTooLarge(f"the upload exceeds the limit of {limit} bytes",
                                   param="file")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if keep:
+            chunks.append(chunk)
+    return b"".join(chunks), size
 
 
 def _tensor(data: bytes, cfg: VisionConfig) -> np.ndarray:
