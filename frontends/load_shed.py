@@ -1,8 +1,9 @@
 """Load shedding: refuse a generation the engine could not start soon, before it costs anything.
 
 With `[server] max_waiting` (requests waiting in an engine's queue for a model) or
-`max_queue_wait_s` (how long the oldest of them has waited) set, `Dispatcher.generate` asks
-`check()` before it sends anything: a generation that would push the queue past the limit, or
+`max_queue_wait_s` (how long the oldest of them has waited) set, the HTTP text paths ask
+`precheck()` before they tokenize, and `Dispatcher.generate` asks `check()` before it sends
+anything: a generation that would push the queue past the limit, or
 join a queue whose head has already waited the limit, is refused with 429 `overloaded` and
 `Retry-After`, which a router of the field (vllm-router, sglang-router, llm-d) takes as "try
 another host". Nothing was sent to the engine, so no KV block was taken. HTTP (JSON, SSE,
@@ -80,26 +81,43 @@ class LoadShedder:
     def reconfigure(self, config: dict[str, Any]) -> None:
         self.limits = ShedLimits.from_config(config)
 
+    async def precheck(self, engines: list[str], model: str, version: int) -> None:
+        """Raise `Overloaded` if every engine hosting `model` v`version` would refuse a
+        generation now: called before tokenizing, so a refused request costs no tokenizer
+        time either. `check()` still decides (and counts) when the generation starts."""
+        if not self.limits.on or not engines:
+            return
+        refusal: Overloaded | None = None
+        for engine in engines:
+            refusal = await self._verdict(engine, f"{model}:{version}")
+            if refusal is None:
+                return
+        if refusal is not None:
+            raise refusal
+
     async def check(self, engine: str, model: str, version: int) -> None:
         """Raise `Overloaded` if a generation for `model` v`version` on `engine` would exceed
         the limits; otherwise count it as sent."""
         key = f"{model}:{version}"
         if self.limits.on:
-            snap = self._snaps.setdefault(engine, _Snapshot())
-            age = time.monotonic() - snap.asked_at
-            if age > STALE_S:
-                await self._refreshed(engine, snap)
-            elif age > FRESH_S:
-                self._start_refresh(engine, snap)
-            try:
-                self._judge(engine, key, snap)
-            except Overloaded:
-                if time.monotonic() - snap.asked_at <= FRESH_S:
-                    raise
-                # refuse on a fresh view only: the queue may have drained since
-                await self._refreshed(engine, snap)
-                self._judge(engine, key, snap)
+            refusal = await self._verdict(engine, key)
+            if refusal is not None:
+                raise refusal
         self._sent[(engine, key)] = self._sent.get((engine, key), 0) + 1
+
+    async def _verdict(self, engine: str, key: str) -> Overloaded | None:
+        snap = self._snaps.setdefault(engine, _Snapshot())
+        age = time.monotonic() - snap.asked_at
+        if age > STALE_S:
+            await self._refreshed(engine, snap)
+        elif age > FRESH_S:
+            self._start_refresh(engine, snap)
+        refusal = self._judge(engine, key, snap)
+        if refusal is not None and time.monotonic() - snap.asked_at > FRESH_S:
+            # refuse on a fresh view only: the queue may have drained since
+            await self._refreshed(engine, snap)
+            refusal = self._judge(engine, key, snap)
+        return refusal
 
     def _start_refresh(self, engine: str, snap: _Snapshot) -> asyncio.Task:
         if snap.refreshing is None:
@@ -125,24 +143,25 @@ class LoadShedder:
         for k, n in counts.items():
             self._sent_at_ask[k] = n
 
-    def _judge(self, engine: str, key: str, snap: _Snapshot) -> None:
+    def _judge(self, engine: str, key: str, snap: _Snapshot) -> Overloaded | None:
         s = snap.models.get(key)
         if not s or "waiting" not in s:
-            return      # not an LLM, or not known yet: nothing to judge by
+            return None     # not an LLM, or not known yet: nothing to judge by
         lim = self.limits
         since = self._sent.get((engine, key), 0) - self._sent_at_ask.get((engine, key), 0)
         free_slots = max(0, int(s.get("max_num_seqs", 0)) - int(s.get("running", 0)))
         # this one and those sent since the snapshot queue once the free batch slots are taken
         waiting = max(0, int(s["waiting"]) + since + 1 - free_slots)
         if lim.max_waiting and waiting > lim.max_waiting:
-            raise Overloaded(f"the engine's queue for {key} is full ({lim.max_waiting} "
-                             "requests waiting); retry later or on another host",
-                             retry_after=1.0)
+            return Overloaded(f"the engine's queue for {key} is full ({lim.max_waiting} "
+                              "requests waiting); retry later or on another host",
+                              retry_after=1.0)
         oldest = float(s.get("oldest_waiting_s", 0.0))
         if lim.max_queue_wait_s and oldest > 0 and waiting > 0:
             waited = oldest + time.monotonic() - snap.asked_at
             if waited >= lim.max_queue_wait_s:
-                raise Overloaded(f"requests for {key} have waited {waited:.1f} s in the "
-                                 f"engine's queue (limit {lim.max_queue_wait_s:g} s); retry "
-                                 "later or on another host",
-                                 retry_after=float(max(1, math.ceil(waited))))
+                return Overloaded(f"requests for {key} have waited {waited:.1f} s in the "
+                                  f"engine's queue (limit {lim.max_queue_wait_s:g} s); retry "
+                                  "later or on another host",
+                                  retry_after=float(max(1, math.ceil(waited))))
+        return None

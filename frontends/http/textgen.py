@@ -122,6 +122,8 @@ class ModelTexts:
             raise InvalidInput(f"model {name!r} is not a text-generation model; it serves "
                                "tensors (use /v2/models/.../infer or /v1/embeddings)",
                                code="model_not_generative", param="model")
+        # load shedding before the prompt is tokenized (frontends/load_shed.py)
+        await self.d.shedder.precheck(entry.get("engines", []), name, version)
         return await self.get(name, version, entry, _load_text_model)
 
     async def get(self, name: str, version: int, entry: dict[str, Any], loader: Any) -> Any:

@@ -90,6 +90,10 @@ def test_a_full_queue_refuses_every_path_before_the_engine_sees_it(shed):
             assert_overloaded(*await http(shed, "/v1/chat/completions", {
                 "model": "smollm2", "max_tokens": 4, "stream": True,
                 "messages": [{"role": "user", "content": "Hi"}]}), "is full")
+            # decided before the prompt is even looked at: a prompt far over the context, which
+            # an idle daemon refuses with 400 before tokenizing it, gets the 429 here
+            assert_overloaded(*await http(shed, "/v1/completions",
+                                          body("hello " * 200_000, 4)), "is full")
             msg = await websocket(shed)
             assert msg["type"] == "error" and msg["code"] == "overloaded", msg
             exc = await zmq(shed)
@@ -100,6 +104,8 @@ def test_a_full_queue_refuses_every_path_before_the_engine_sees_it(shed):
         await until(lambda: idle(shed), "an idle engine")
         status, _, payload = await http(shed, "/v1/completions", body("Hi", 4))
         assert status == 200 and payload["usage"]["completion_tokens"] == 4
+        status, _, payload = await http(shed, "/v1/completions", body("hello " * 200_000, 4))
+        assert status == 400 and payload["error"]["code"] == "context_length_exceeded", payload
     asyncio.run(run())
 
 

@@ -70,3 +70,21 @@ def test_queue_wait_limit_counts_the_head_s_age():
     eng.models["m:1"]["oldest_waiting_s"] = 0.5
     s._snaps["e"].asked_at = 0.0
     asyncio.run(s.check("e", "m", 1))
+
+
+def test_precheck_refuses_only_when_every_engine_would_and_counts_nothing():
+    full, idle = FakeEngine(waiting=3, running=2), FakeEngine(waiting=0, running=0)
+    engines = {"full": full, "idle": idle}
+
+    async def call(engine: str, msg: P.Message, timeout_s: float) -> P.Message:
+        return await engines[engine].call(engine, msg, timeout_s)
+    s = LoadShedder(call)
+    s.reconfigure({"load_shedding": {"max_waiting": 2}})
+
+    async def run() -> None:
+        await s.precheck(["full", "idle"], "m", 1)       # the idle engine has room
+        with pytest.raises(Overloaded):
+            await s.precheck(["full"], "m", 1)
+        await s.precheck([], "m", 1)                     # nothing known: nothing refused
+        assert s._sent == {}
+    asyncio.run(run())
