@@ -142,13 +142,13 @@ async def _unregister_region(sup: Supervisor, args: dict[str, Any]) -> dict[str,
     return {}
 
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 async def _log_level(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
     level = args.get("level")
     if level is None:
-        return {"level": sup.log_level}
+        return {"level": sup.log_level.lower()}
     if level not in LOG_LEVELS:
         raise InvalidInput(f"log level {level!r} is not one of {list(LOG_LEVELS)}",
                            code="invalid_log_setting", param="level")

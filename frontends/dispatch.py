@@ -188,7 +188,7 @@ class Dispatcher:
         if msg.config != self._config:
             self._config = msg.config
             level = msg.config.get("log_level")     # set daemon-wide through /v2/logging
-            if level in ("debug", "info", "warning", "error"):
+            if level in ("debug", "info", "warning", "error", "critical"):
                 logging.getLogger().setLevel(level.upper())
             for listener in self.config_listeners:
                 try:

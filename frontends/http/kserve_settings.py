@@ -3,10 +3,10 @@
 Logging is real: Ferry logs by threshold (Python's levels), so Triton's switches map onto one
 daemon-wide level that the supervisor sets in every process (daemon/control.py `log_level`):
 
-    log_verbose_level > 0 → debug    log_info → info    log_warnings → warning    else error
+    log_verbose_level > 0 → debug    log_info → info    log_warnings → warning
+    log_errors → error               none of them → critical
 
-Switch combinations a threshold cannot express (warnings off but info on, errors off), a log
-file (Ferry logs to stderr, i.e. journald) and another log format are refused with 400
+Switch combinations a threshold cannot express (warnings off but info on), a log file (Ferry logs to stderr, i.e. journald) and another log format are refused with 400
 `log_setting_unsupported`; malformed settings with 400 `invalid_log_setting`.
 
 Tracing is not something Ferry does: the settings read as Triton's with tracing off, and a
@@ -39,10 +39,10 @@ def _unsupported(message: str, param: str) -> InvalidInput:
 
 def log_settings(level: str, log_format: str) -> dict[str, Any]:
     """Triton's `$log_setting_response` for a Ferry log level."""
-    order = ("debug", "info", "warning", "error")
+    order = ("debug", "info", "warning", "error", "critical")
     rank = order.index(level) if level in order else 1
     return {"log_file": "", "log_info": rank <= 1, "log_warnings": rank <= 2,
-            "log_errors": True, "log_verbose_level": 1 if rank == 0 else 0,
+            "log_errors": rank <= 3, "log_verbose_level": 1 if rank == 0 else 0,
             "log_format": log_format}
 
 
@@ -50,15 +50,16 @@ def level_for(settings: dict[str, Any]) -> str:
     """The one threshold that gives Triton's switches; refuses what a threshold cannot do."""
     info, warnings, errors = (settings[k] for k in _FLAGS)
     verbose = settings["log_verbose_level"]
-    if not errors:
-        raise _unsupported("Ferry always logs errors: log_errors cannot be false", "log_errors")
-    if warnings is False and info:
-        raise _unsupported("Ferry logs by threshold: warnings cannot be off while info is on",
-                           "log_warnings")
+    for lower, higher in (("log_info", "log_warnings"), ("log_warnings", "log_errors")):
+        if settings[lower] and not settings[higher]:
+            raise _unsupported(f"Ferry logs by threshold: {higher} cannot be off while "
+                               f"{lower} is on", higher)
     if verbose > 0 and not info:
         raise _unsupported("Ferry logs by threshold: verbose messages need log_info on",
                            "log_verbose_level")
-    return "debug" if verbose > 0 else "info" if info else "warning" if warnings else "error"
+    if verbose > 0:
+        return "debug"
+    return "info" if info else "warning" if warnings else "error" if errors else "critical"
 
 
 def _check(key: str, value: Any) -> None:
