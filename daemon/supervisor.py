@@ -552,9 +552,9 @@ class Supervisor:
     async def reload(self) -> None:
         """SIGHUP: re-read the config file and the repository, without dropping requests.
 
-        Applied live: `[repository]` and `[auth]` required / allow_ips / webhook_allow_cidrs
-        (frontends get them with the next placement). Everything else needs a restart and is
-        logged as such."""
+        Applied live: `[repository]`, `[auth]` required / allow_ips / webhook_allow_cidrs and
+        `[server]` max_waiting / max_queue_wait_s (frontends get them with the next placement).
+        Everything else needs a restart and is logged as such."""
         self.notifier.reloading()
         from daemon.config import load_config
         try:
@@ -564,7 +564,9 @@ class Supervisor:
                 # port or path that the rest of the daemon does not use yet.
                 effective = dataclasses.replace(
                     self.cfg, repository=new.repository, auth=dataclasses.replace(
-                        self.cfg.auth, **{k: getattr(new.auth, k) for k in _LIVE_AUTH}))
+                        self.cfg.auth, **{k: getattr(new.auth, k) for k in _LIVE_AUTH}),
+                    server=dataclasses.replace(
+                        self.cfg.server, **{k: getattr(new.server, k) for k in _LIVE_SERVER}))
                 check_exposure(effective)
                 _log_restart_only_changes(self.cfg, new)
                 self.cfg = effective
@@ -626,6 +628,7 @@ class Supervisor:
 
 
 _LIVE_AUTH = ("required", "allow_ips", "webhook_allow_cidrs")   # [repository] is live too
+_LIVE_SERVER = ("max_waiting", "max_queue_wait_s")    # load shedding, published with placement
 
 
 def _log_restart_only_changes(old: Config, new: Config) -> None:
@@ -634,7 +637,7 @@ def _log_restart_only_changes(old: Config, new: Config) -> None:
         if section.name == "repository":
             continue
         before, after = getattr(old, section.name), getattr(new, section.name)
-        live = _LIVE_AUTH if section.name == "auth" else ()
+        live = {"auth": _LIVE_AUTH, "server": _LIVE_SERVER}.get(section.name, ())
         for f in dataclasses.fields(before):
             if f.name not in live and getattr(before, f.name) != getattr(after, f.name):
                 log.warning("reload: %s.%s changed; it applies at the next restart",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 
 import aiohttp
@@ -161,3 +163,32 @@ def test_batch_items_wait_for_room_instead_of_failing(shed):
     for row in rows:
         assert row["error"] is None and row["response"]["status_code"] == 200, row
         assert row["response"]["body"]["usage"]["completion_tokens"] == 2
+
+
+def test_reload_applies_new_limits_without_a_restart(shed):
+    def reload(server_extra: str) -> None:
+        shed.server_extra = server_extra
+        shed.write_config()
+        os.kill(shed.proc.pid, signal.SIGHUP)
+
+    async def run() -> None:
+        async with Streams(shed.url, MAX_NUM_SEQS + MAX_WAITING, max_tokens=HOLD_TOKENS):
+            await until(lambda: waiting(shed) == MAX_WAITING, "a full queue")
+            assert (await http(shed, "/v1/completions", body("Hi", 4)))[0] == 429
+            reload(f"max_waiting = {MAX_WAITING + 1}\nmax_queue_wait_s = 0")
+            # one more may wait now: a stream is admitted into the queue (and then closed)
+            deadline = time.monotonic() + 20
+            while True:
+                async with aiohttp.ClientSession() as s:
+                    async with s.post(shed.url + "/v1/completions",
+                                      json=body("Hi", 4, stream=True)) as r:
+                        if r.status == 200:
+                            break
+                assert time.monotonic() < deadline, "the reload never applied"
+                await asyncio.sleep(0.1)
+    try:
+        asyncio.run(run())
+    finally:
+        reload(f"max_waiting = {MAX_WAITING}\nmax_queue_wait_s = {MAX_QUEUE_WAIT_S}")
+    wait_until(lambda: idle(shed), 30, "an idle engine")
+    assert "max_waiting changed; it applies at the next restart" not in shed.log()
