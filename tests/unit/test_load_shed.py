@@ -6,7 +6,8 @@ import asyncio
 import pytest
 
 from daemon import protocol as P
-from daemon.errors import Overloaded
+from daemon.config import load_config
+from daemon.errors import ConfigError, Overloaded
 from frontends.load_shed import LoadShedder
 
 
@@ -88,3 +89,25 @@ def test_precheck_refuses_only_when_every_engine_would_and_counts_nothing():
         await s.precheck([], "m", 1)                     # nothing known: nothing refused
         assert s._sent == {}
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("key,value", [("server.max_waiting", -1),
+                                       ("server.max_waiting", 1.5),
+                                       ("server.max_queue_wait_s", -0.1),
+                                       ("server.max_queue_wait_s", float("nan")),
+                                       ("server.max_queue_wait_s", "soon")])
+def test_bad_limits_fail_the_config_naming_the_key(key, value):
+    with pytest.raises(ConfigError) as caught:
+        load_config(env={}, overrides={key: value})
+    assert caught.value.key == key
+
+
+def test_limits_default_off_and_reach_the_shedder_through_the_placement_config():
+    cfg = load_config(env={}, overrides={"server.max_waiting": 8,
+                                         "server.max_queue_wait_s": 2.5})
+    assert (load_config(env={}).server.max_waiting,
+            load_config(env={}).server.max_queue_wait_s) == (0, 0.0)
+    s = LoadShedder(FakeEngine(0, 0).call)
+    s.reconfigure({"load_shedding": {"max_waiting": cfg.server.max_waiting,
+                                     "max_queue_wait_s": cfg.server.max_queue_wait_s}})
+    assert s.limits.on and (s.limits.max_waiting, s.limits.max_queue_wait_s) == (8, 2.5)
