@@ -8,6 +8,7 @@ from typing import Any, TypeGuard
 import numpy as np
 from aiohttp import web
 
+from daemon import protocol as P
 from daemon.errors import FerryError, InvalidInput, ModelNotFound, UnsupportedMediaType
 from frontends.dispatch import Dispatcher
 from frontends.http.appkeys import DISPATCHER, SETTINGS
@@ -141,7 +142,9 @@ async def infer(request: web.Request) -> web.Response:
     parsed = parse_infer(body, request.headers.get("Inference-Header-Content-Length"))
     d, settings = request.app[DISPATCHER], request.app[SETTINGS]
     out_shm = {o.name: o.shm for o in parsed.outputs or () if o.shm is not None}
-    timeout_s = parsed.timeout_ms / 1000 if parsed.timeout_ms else settings.request_timeout_s
+    # A timeout past the wire's bound (24.8 days) is as good as none: clamp, do not refuse.
+    timeout_ms = min(parsed.timeout_ms, P.MAX_TIMEOUT_MS)
+    timeout_s = timeout_ms / 1000 if timeout_ms else settings.request_timeout_s
     log.debug("infer %s: %d inputs, %d by shared memory", request.match_info["model"],
               len(parsed.arrays), len(parsed.region_refs),
               extra={"request_id": request_id_of(request)})
