@@ -20,7 +20,10 @@ to the tokens the matcher allows (free rows of the same batch are untouched), an
 token advances it; the sequence ends ("stop") when the grammar is complete. Matchers are built
 by deep-copying a compiled template kept in a bounded LRU cache per constraint, so a schema is
 compiled once however many requests use it. A constraint that cannot compile is a 400
-`invalid_grammar` carrying the library's message.
+`invalid_grammar` carrying the library's message; HTTP workers check that before a request
+reaches an engine (`validate_structured`), so a streamed request gets a plain 400 too. This
+module imports neither torch nor numpy (HTTP workers use it); the mask is applied by
+engines/llm/sampling.py.
 """
 from __future__ import annotations
 
@@ -30,18 +33,18 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from daemon.errors import InvalidInput
 
-__all__ = ["GrammarCompiler", "apply_masks", "check_structured", "STRUCTURED_TYPES"]
+__all__ = ["GrammarCompiler", "check_structured", "validate_structured", "STRUCTURED_TYPES"]
 
 log = logging.getLogger(__name__)
 
 STRUCTURED_TYPES = ("json_object", "json_schema", "regex", "choice", "grammar")
 _CACHE_SIZE = 64
 _MAX_SPEC_BYTES = 256 << 10
+# Compact JSON (no free whitespace between tokens): a small model offered unbounded whitespace
+# can spend its whole max_tokens on it, as vLLM's disable_any_whitespace guards against.
+_JSON_OPTIONS = {"whitespace_flexible": False}
 
 
 def _bad(why: str) -> InvalidInput:
@@ -70,16 +73,16 @@ def check_structured(spec: Any) -> dict[str, Any] | None:
     return spec
 
 
-def _grammar(spec: dict[str, Any]) -> str:
+def grammar_text(spec: dict[str, Any]) -> str:
     """The llguidance grammar text of a checked constraint."""
     import llguidance
     matcher = llguidance.LLMatcher
     kind = spec["type"]
     if kind == "json_object":
-        return matcher.grammar_from_json_schema({"type": "object"})
+        return matcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_OPTIONS)
     if kind == "json_schema":
         try:
-            return matcher.grammar_from_json_schema(spec["schema"])
+            return matcher.grammar_from_json_schema(spec["schema"], defaults=_JSON_OPTIONS)
         except ValueError as exc:
             raise _bad(f"bad JSON schema: {exc}") from exc
     if kind == "regex":
@@ -93,6 +96,29 @@ def _grammar(spec: dict[str, Any]) -> str:
     except Exception as exc:              # the converter raises plain errors for bad input
         raise _bad(f"bad EBNF grammar: {exc}") from exc
     return matcher.grammar_from_lark(text)
+
+
+def validate_structured(spec: Any) -> dict[str, Any] | None:
+    """`check_structured`, then compile the grammar without a vocabulary (a few ms; what the
+    HTTP worker does so that a bad constraint is a 400 before any stream starts)."""
+    spec = check_structured(spec)
+    if spec is None:
+        return None
+    key = json.dumps(spec, sort_keys=True)
+    if key in _VALID:
+        _VALID.move_to_end(key)
+        return spec
+    import llguidance
+    error = llguidance.LLMatcher.validate_grammar(grammar_text(spec))
+    if error and not error.startswith("WARNING"):
+        raise _bad(error.strip()[:2000])
+    _VALID[key] = True
+    if len(_VALID) > _CACHE_SIZE:
+        _VALID.popitem(last=False)
+    return spec
+
+
+_VALID: OrderedDict[str, bool] = OrderedDict()     # constraints validate_structured passed
 
 
 class GrammarCompiler:
@@ -137,7 +163,7 @@ class GrammarCompiler:
         template = self._templates.get(key)
         if template is None:
             import llguidance
-            template = llguidance.LLMatcher(self._llt(), _grammar(spec), log_level=0)
+            template = llguidance.LLMatcher(self._llt(), grammar_text(spec), log_level=0)
             if template.is_error():
                 raise _bad(template.get_error().strip()[:2000])
             self.compiled += 1
@@ -147,21 +173,3 @@ class GrammarCompiler:
         else:
             self._templates.move_to_end(key)
         return template.deep_copy()
-
-
-def apply_masks(logits: torch.Tensor, matchers: list[Any]) -> torch.Tensor:
-    """`logits` [B, V] with, in each row whose matcher is not None, every token the matcher
-    does not allow set to -inf (a new tensor; the input is left unchanged)."""
-    out = logits.float().clone()
-    vocab = out.shape[-1]
-    for row, m in enumerate(matchers):
-        if m is None:
-            continue
-        bits = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)
-        allowed = np.unpackbits(bits, bitorder="little")[:vocab].astype(bool)
-        if allowed.shape[0] < vocab:                 # padded vocabulary rows: never allowed
-            allowed = np.concatenate([allowed, np.zeros(vocab - allowed.shape[0], bool)])
-        if not allowed.any():                        # nothing left: let the stop token end it
-            continue
-        out[row, torch.from_numpy(~allowed).to(out.device)] = float("-inf")
-    return out

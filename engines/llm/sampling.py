@@ -26,10 +26,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from daemon.errors import InvalidInput
-from engines.llm.grammar import apply_masks, check_structured
+from engines.llm.grammar import check_structured
 
 __all__ = ["SamplingParams", "SamplingRow", "SampleOutput", "Sampler", "GREEDY_EPS"]
 
@@ -139,7 +140,7 @@ class Sampler:
         params = [r.params for r in rows]
         matchers = [getattr(r, "matcher", None) for r in rows]
         if any(m is not None for m in matchers):     # constrained rows: allowed tokens only
-            logits = apply_masks(logits, matchers)
+            logits = _apply_masks(logits, matchers)
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
                for p in params):
             logits = _apply_penalties(logits.float(), rows)
@@ -297,3 +298,21 @@ def _top_p_sorted(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(srt, dim=-1)
     drop = (probs.cumsum(dim=-1) - probs) > top_p                       # [R, V] sorted
     return logits.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf"))
+
+
+def _apply_masks(logits: torch.Tensor, matchers: list[Any]) -> torch.Tensor:
+    """`logits` [B, V] with, in each row whose matcher is not None, every token the matcher
+    does not allow set to -inf (a new tensor; the input is left unchanged)."""
+    out = logits.float().clone()
+    vocab = out.shape[-1]
+    for row, m in enumerate(matchers):
+        if m is None:
+            continue
+        bits = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)
+        allowed = np.unpackbits(bits, bitorder="little")[:vocab].astype(bool)
+        if allowed.shape[0] < vocab:                 # padded vocabulary rows: never allowed
+            allowed = np.concatenate([allowed, np.zeros(vocab - allowed.shape[0], bool)])
+        if not allowed.any():                        # nothing left: let the stop token end it
+            continue
+        out[row, torch.from_numpy(~allowed).to(out.device)] = float("-inf")
+    return out

@@ -10,7 +10,9 @@ Every bad field raises `InvalidInput` whose `param` is the path of the field as 
   silently answering a different question than the one asked.
 
 Fields nobody defines are ignored, as vLLM and llama.cpp do, so clients that send extra keys keep
-working. The same parsers serve the WebSocket protocol (frontends/http/ws.py).
+working. The same parsers serve the WebSocket protocol (frontends/http/ws.py). Output constraints
+(`response_format`, vLLM's `structured_outputs` and `guided_*`) are read by
+frontends/http/structured.py.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.errors import InvalidInput
+from frontends.http.structured import parse_structured
 
 __all__ = [
     "MAX_N", "MAX_STOPS", "MAX_PROMPTS", "MAX_EMBED_INPUTS", "GenParams", "ChatRequest",
@@ -56,6 +59,7 @@ class GenParams:
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+    structured: dict[str, Any] | None = None   # an output constraint (frontends/http/structured)
 
     def engine_params(self, max_tokens: int, choice: int) -> dict[str, Any]:
         """The engine's sampling dict (engines.llm.sampling.SamplingParams fields) for one
@@ -68,7 +72,7 @@ class GenParams:
                 "presence_penalty": self.presence_penalty,
                 "frequency_penalty": self.frequency_penalty,
                 "stop_token_ids": list(self.stop_token_ids), "ignore_eos": self.ignore_eos,
-                "seed": seed, "logprobs": self.logprobs}
+                "seed": seed, "logprobs": self.logprobs, "structured": self.structured}
 
 
 @dataclass(slots=True)
@@ -207,6 +211,7 @@ def _gen_params(body: dict[str, Any], *, chat: bool) -> GenParams:
     p.ignore_eos = _bool(body, "ignore_eos")
     p.stream = _bool(body, "stream")
     p.user = _optional_str(body, "user")
+    p.structured = parse_structured(body)
     _stream_options(body, p)
     _unsupported(body, "logit_bias", ({},), "logit bias is not implemented")
     best_of = body.get("best_of")
@@ -311,10 +316,6 @@ def parse_chat(body: Any) -> ChatRequest:
     if body.get("tools") or body.get("functions"):
         param = "tools" if body.get("tools") else "functions"
         raise _bad(param, "are not supported by this server (no tool calling)",
-                   "unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise _bad("response_format", "only {'type': 'text'} is supported",
                    "unsupported_parameter")
     return ChatRequest(model, messages, params)
 

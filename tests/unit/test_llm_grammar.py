@@ -57,7 +57,7 @@ def params(structured, **kw) -> SamplingParams:
 
 
 def test_json_object_and_schema_outputs_parse_and_validate(engine):
-    out = run(engine, {"obj": params({"type": "json_object"}),
+    out = run(engine, {"obj": params({"type": "json_object"}, temperature=0.0),
                        "schema": params({"type": "json_schema", "schema": PERSON}),
                        "free": params(None, max_tokens=20, ignore_eos=True)})
     text, reason = out["obj"]
