@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+from concurrent.futures import ThreadPoolExecutor
 import struct
 import time
 import zlib
@@ -356,3 +357,18 @@ def test_named_uploads_get_their_codes(ferry):
         status, _, answer = call(ferry, "POST", PREDICT, raw=body, headers=headers)
         got.append((status, error_code(answer)))
     assert got == [(status, code) for _, status, code in expect]
+
+
+def test_concurrent_uploads_at_the_pixel_limit_leave_rss_flat(ferry):
+    """Eight at once, twice: each decodes ~100 MB of pixels. glibc kept those pages in its
+    per-thread arenas, and the worker ended ~900 MB larger for good."""
+    (worker,) = ferry.child_pids("http")
+    body, headers = _as_file(_png(4999, 4999, 16, 6))
+    rss_before = _rss_mb(worker)
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(2):
+            statuses = list(pool.map(lambda _: call(ferry, "POST", PREDICT, raw=body,
+                                                    headers=headers)[0], range(8)))
+            assert statuses == [200] * 8
+    assert ferry.child_pids("http") == [worker]
+    assert _rss_mb(worker) - rss_before < RSS_GROWTH_MB, (rss_before, _rss_mb(worker))
