@@ -36,7 +36,8 @@ DTYPES = frozenset({
 })
 MAX_RANK = 16
 MAX_HEADER = 1 << 24
-MAX_TIMEOUT_MS = 2**31 - 1      # 24.8 days; a receiver's arithmetic on more overflows the wire
+# No deadline is that far, and after a receiver's float arithmetic it is still an int64.
+MAX_TIMEOUT_MS = 2**62
 # Integer fields whose range a receiver relies on, beyond their type.
 _INT_RANGES = {"timeout_ms": (0, MAX_TIMEOUT_MS)}
 
