@@ -187,6 +187,14 @@ def _bad_tensors(c: Corpus) -> None:
     for dtype in ("object", "float128", "complex64", "str", "", "<f4"):
         c.add(f"dtype_{dtype or 'empty'}", c.infer(inputs=[_tensor("pixels", dtype, [1, 64],
                                                                {"frame": 0})]), [PIXELS])
+    # BYTES tensors: Triton's serialized form (4-byte little-endian length, then the bytes)
+    for label, shape, data in (("bytes_garbage", [1, 64], b"\xff" * 7), ("bytes_empty", [0], b""),
+                               ("bytes_scalar", [], b"\0\0\0\x05abcde"),
+                               ("bytes_length_past_end", [1], b"\xff\xff\xff\x7fab")):
+        c.add(f"dtype_{label}", c.infer(inputs=[_tensor("pixels", "bytes", shape,
+                                                        {"frame": 0})]), [data])
+    c.add("dtype_bytes_shm", c.infer(inputs=[_tensor("pixels", "bytes", [1],
+                                                     _shm(REGION, 0, 9))]))
     c.add("dtype_float64", c.infer(inputs=[_tensor("pixels", "float64", [1, 64], {"frame": 0})]),
           [PIXELS * 2])
     c.add("dtype_int8", c.infer(inputs=[_tensor("pixels", "int8", [1, 64], {"frame": 0})]),
@@ -196,8 +204,9 @@ def _bad_tensors(c: Corpus) -> None:
                          ("bool", [True, 64]), ("uint64_max", [2**64 - 1])):
         c.add(f"shape_{label}", c.infer(inputs=[_tensor("pixels", "float32", shape,
                                                     {"frame": 0})]), [PIXELS])
-    c.add("shape_huge_product", c.infer(inputs=[_tensor("pixels", "float32", [2**39, 2**39, 2**39],
-                                                    {"frame": 0})]), [PIXELS])
+    c.add("shape_huge_product", c.infer(inputs=[_tensor("pixels", "float32",
+                                                        [2**39, 2**39, 2**39], {"frame": 0})]),
+          [PIXELS])
     c.add("shape_rank_16_overflow", c.infer(inputs=[_tensor("pixels", "float32", [2**39] * 16,
                                                         {"frame": 0})]), [PIXELS])
     c.add("shape_zero_rows", c.infer(inputs=[_tensor("pixels", "float32", [0, 64], {"frame": 0})]),
@@ -241,6 +250,13 @@ def _bad_targets(c: Corpus) -> None:
                                   ("sha_like_model", "0" * 64, 0)):
         c.add(label, c.infer(model=model, version=version), [PIXELS])
     c.add("unknown_output", c.infer(outputs=["nope"]), [PIXELS])
+    c.add("output_twice", c.infer(outputs=["probabilities"] * 2), [PIXELS], "reply")
+    c.add("outputs_empty", c.infer(outputs=[]), [PIXELS], "reply")
+    c.add("out_shm_unrequested", c.infer(outputs=["probabilities"], out_shm={
+        "nope": [REGION, 0, 40]}), [PIXELS], "reply")
+    c.add("infer_on_llm", c.infer(model="smollm2"), [PIXELS])
+    c.add("dtype_float16", c.infer(inputs=[_tensor("pixels", "float16", [1, 64],
+                                                   {"frame": 0})]), [PIXELS[:128]])
     c.add("timeout_negative", c.infer(timeout_ms=-5), [PIXELS])
     c.add("timeout_uint64_max", c.infer(timeout_ms=2**64 - 1), [PIXELS])     # was a 500
     c.add("timeout_int64_min", c.infer(timeout_ms=-2**63), [PIXELS])         # was a 504
