@@ -29,10 +29,11 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 
-# dtypes allowed on the wire (numpy names). Object/string tensors never cross a boundary.
+# dtypes allowed on the wire (numpy names). "bytes" is a BYTES tensor in Triton's serialized
+# form (daemon/tensor_bytes.py): its byte size is the data's, not the shape's.
 DTYPES = frozenset({
     "bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
-    "float16", "float32", "float64",
+    "float16", "float32", "float64", "bytes",
 })
 MAX_RANK = 16
 MAX_HEADER = 1 << 24
@@ -107,7 +108,8 @@ class TensorRef:
             _need(isinstance(region, str) and 0 < len(region) < 200, "shm region")
             _need(_is_int(offset) and offset >= 0, "shm offset")
             _need(_is_int(nbytes) and nbytes >= 0, "shm nbytes")
-            _need(nbytes == ref.nbytes, "shm nbytes does not match dtype and shape")
+            _need(dtype == "bytes" or nbytes == ref.nbytes,
+                  "shm nbytes does not match dtype and shape")
             ref.shm = ShmLoc(region, offset, nbytes)
         return ref
 

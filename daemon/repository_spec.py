@@ -22,7 +22,7 @@ __all__ = ["ENGINES", "DTYPES", "load_spec", "weights_sha256"]
 
 ENGINES = ("onnx", "llm", "tensorrt")
 DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
-                    "uint64", "float16", "float32", "float64"})
+                    "uint64", "float16", "float32", "float64", "bytes"})   # bytes: BYTES tensors
 # Weights an engine looks for when model.toml names none (the llm engine chooses its own).
 DEFAULT_WEIGHTS = {"onnx": "model.onnx", "tensorrt": "model.plan"}
 _SCALARS = ("engine", "weights", "max_batch_size", "description")

@@ -27,6 +27,7 @@ import numpy as np
 
 from daemon.errors import Busy, FerryError, InvalidInput
 from daemon.protocol import ShmLoc, TensorRef
+from daemon.tensor_bytes import from_buffer
 
 __all__ = ["SHM_DIR", "ALIGN", "Arena", "Region", "RegionMap", "pid_alive", "reclaim",
            "segment_name"]
@@ -283,8 +284,7 @@ class RegionMap:
         """A zero-copy numpy view of a tensor held in shared memory."""
         if ref.shm is None:
             raise FerryError("tensor is not in shared memory", code="internal_error")
-        mv = self.view(ref.shm)
-        return np.frombuffer(mv, dtype=ref.dtype).reshape(ref.shape)
+        return from_buffer(ref.name, ref.dtype, ref.shape, self.view(ref.shm))
 
     def close(self) -> None:
         for region in list(self._regions.values()):

@@ -27,6 +27,7 @@ from daemon.errors import FerryError, InternalError, InvalidInput, ModelNotFound
 from daemon.process import init_child
 from daemon.repository_spec import load_spec
 from daemon.shm import Arena, RegionMap, pid_alive, segment_name
+from daemon.tensor_bytes import BYTES, from_buffer, to_buffer, wire_dtype
 from engines.base import Engine, GenerateRequest, ModelInfo, TensorRequest, TensorResult, TokenOutput
 
 __all__ = ["ENGINE_CLASSES", "EngineIO", "EngineHost", "run_engine", "model_info_to_wire"]
@@ -166,10 +167,7 @@ class EngineHost:
             return self.regions.array(ref)
         buf = buffers[ref.frame]
         data = buf.buffer if hasattr(buf, "buffer") else buf
-        if len(data) != ref.nbytes:
-            raise InvalidInput(f"tensor {ref.name!r}: frame holds {len(data)} bytes, dtype and "
-                               f"shape need {ref.nbytes}", code="invalid_shape")
-        return np.frombuffer(data, dtype=ref.dtype).reshape(ref.shape)
+        return from_buffer(ref.name, ref.dtype, ref.shape, data)
 
     def on_infer(self, identity: bytes, msg: P.Infer, buffers: list[Any]) -> None:
         engine = self._engine_for(msg.model, msg.version)
@@ -351,16 +349,19 @@ class EngineHost:
         refs, frames = [], []
         try:
             for name, arr in (res.outputs or {}).items():
-                arr = np.asarray(arr, order="C")   # keeps 0-d outputs 0-d
-                ref = P.TensorRef(name, arr.dtype.name, tuple(arr.shape))
+                ref = P.TensorRef(name, wire_dtype(arr), tuple(np.shape(arr)))
+                arr = to_buffer(arr)   # BYTES serialized; keeps 0-d outputs 0-d
                 target = (pend.out_shm or {}).get(name)
                 if target is not None:
-                    if target.nbytes != arr.nbytes:
+                    # BYTES may use less of its region than it reserved (Triton's form too)
+                    if target.nbytes != arr.nbytes and not (
+                            ref.dtype == BYTES and arr.nbytes <= target.nbytes):
                         raise InvalidInput(f"output {name!r} needs {arr.nbytes} bytes, the "
                                            f"region reference holds {target.nbytes}",
                                            code="shm_out_of_bounds")
-                    self.regions.view(target)[:] = arr.reshape(-1).view(np.uint8)
-                    ref.shm = target
+                    used = P.ShmLoc(target.region, target.offset, arr.nbytes)
+                    self.regions.view(used)[:] = arr.reshape(-1).view(np.uint8)
+                    ref.shm = used
                 elif arr.nbytes >= self.inline_threshold and self._try_put(ref, arr):
                     pass
                 else:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from daemon.errors import Cancelled, DeadlineExceeded, FerryError, InternalError, InvalidInput
+from daemon.tensor_bytes import BYTES, wire_dtype
 from engines.base import Engine, ModelSpec, TensorRequest, TensorResult, TensorSpec
 from engines.batching import BatchConfig, DynamicBatcher, Padding, collate, split
 from engines.inference_stats import InferenceStats
@@ -71,6 +72,12 @@ class TensorEngine(Engine):
 
     def _check_input(self, name: str, arr: np.ndarray) -> None:
         """Runtime-specific limits on one input that passed the dtype and shape checks."""
+
+    def _warmup_input(self, spec: TensorSpec) -> np.ndarray:
+        shape = self._warmup_shape(spec)
+        if spec.dtype == BYTES:                 # "0" parses as a number too
+            return np.full(shape, b"0", dtype=object)
+        return np.zeros(shape, dtype=spec.dtype)
 
     def _warmup_shape(self, spec: TensorSpec) -> list[int]:
         return [1 if d == -1 else d for d in spec.shape]
@@ -196,8 +203,7 @@ class TensorEngine(Engine):
 
     def _warm_up(self) -> None:
         """One tiny run so the first real request does not pay for kernel selection."""
-        feeds = {name: np.zeros(self._warmup_shape(spec), dtype=spec.dtype)
-                 for name, spec in self._inputs.items()}
+        feeds = {name: self._warmup_input(spec) for name, spec in self._inputs.items()}
         try:
             self._execute(list(self._outputs), feeds)
         except Exception as exc:  # noqa: BLE001 - a model may reject all-zero input; not fatal
@@ -215,8 +221,8 @@ class TensorEngine(Engine):
             arr = request.inputs.get(name)
             if arr is None:
                 raise InvalidInput(f"missing input {name!r}", code="missing_input", param=name)
-            if not isinstance(arr, np.ndarray) or arr.dtype.name != spec.dtype:
-                got = arr.dtype.name if isinstance(arr, np.ndarray) else type(arr).__name__
+            if not isinstance(arr, np.ndarray) or wire_dtype(arr) != spec.dtype:
+                got = wire_dtype(arr) if isinstance(arr, np.ndarray) else type(arr).__name__
                 raise InvalidInput(f"input {name!r} must be {spec.dtype}, got {got}",
                                    code="invalid_dtype", param=name)
             if arr.ndim != len(spec.shape) or 0 in arr.shape or any(

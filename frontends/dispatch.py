@@ -270,7 +270,9 @@ class Dispatcher:
             version = sha_ver if version is None else version
         entry = pl.models.get(model)
         if entry is None:
-            raise ModelNotFound(f"model {model!r} is not known", param="model")
+            # Triton's wording: its clients and examples match "Request for unknown model"
+            raise ModelNotFound(f"Request for unknown model: {model!r} is not found",
+                                param="model")
         versions = entry.get("versions", {})
         if version is None:
             ready = [int(v) for v, d in versions.items() if d.get("state") == "ready"]
@@ -279,7 +281,8 @@ class Dispatcher:
             version = max(ready)
         v = versions.get(str(version))
         if v is None:
-            raise ModelNotFound(f"model {model!r} has no version {version}", param="version")
+            raise ModelNotFound(f"Request for unknown model: {model!r} version {version} is "
+                                "not found", param="version")
         if v.get("state") != "ready":
             raise ModelUnavailable(f"model {model!r} version {version} is {v.get('state')}")
         metrics.note_model(model)

@@ -14,6 +14,7 @@ import numpy as np
 from daemon import protocol as P
 from daemon.errors import FerryError, InvalidInput
 from daemon.shm import Arena, RegionMap
+from daemon.tensor_bytes import from_buffer, to_buffer, wire_dtype
 
 __all__ = ["Packed", "pack", "unpack", "check_dtype"]
 
@@ -26,7 +27,9 @@ class Packed:
 
 
 def check_dtype(name: str, arr: np.ndarray) -> None:
-    if arr.dtype.name not in P.DTYPES:
+    # an object array travels as BYTES only when every element is bytes or str
+    if wire_dtype(arr) not in P.DTYPES or arr.dtype == object and not all(
+            isinstance(v, (bytes, str)) for v in arr.reshape(-1)):
         raise InvalidInput(f"input {name!r}: dtype {arr.dtype} cannot be sent",
                            code="invalid_dtype", param=name)
 
@@ -43,10 +46,8 @@ def pack(arrays: dict[str, np.ndarray], arena: Arena | None, inline_threshold: i
     for name, arr in arrays.items():
         check_dtype(name, arr)
     for name, arr in arrays.items():
-        # the wire names dtypes without byte order: big-endian data must be swapped, not
-        # relabelled; asarray (not ascontiguousarray) keeps a 0-d tensor 0-d
-        arr = np.asarray(arr, dtype=arr.dtype.newbyteorder("="), order="C")
-        ref = P.TensorRef(name, arr.dtype.name, tuple(int(d) for d in arr.shape))
+        ref = P.TensorRef(name, wire_dtype(arr), tuple(int(d) for d in arr.shape))
+        arr = to_buffer(arr)          # BYTES: serialized; else native-order, C-ordered memory
         if arena is not None and arr.nbytes >= inline_threshold:
             try:
                 ref.shm = arena.put(arr)
@@ -74,10 +75,5 @@ def unpack(refs: list[P.TensorRef], buffers: list[Any], regions: RegionMap,
         else:
             buf = buffers[ref.frame_index()]
             data = buf.buffer if hasattr(buf, "buffer") else buf
-            size = memoryview(data).nbytes
-            if size != ref.nbytes:
-                raise InvalidInput(f"tensor {ref.name!r}: frame holds {size} bytes, dtype and "
-                                   f"shape need {ref.nbytes}", code="invalid_shape",
-                                   param=ref.name)
-            arrays[ref.name] = np.frombuffer(data, dtype=ref.dtype).reshape(ref.shape)
+            arrays[ref.name] = from_buffer(ref.name, ref.dtype, ref.shape, data)
     return arrays, frees

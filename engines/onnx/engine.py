@@ -16,6 +16,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
 from daemon.errors import FerryError, InternalError, InvalidInput
+from daemon.tensor_bytes import BYTES
 from engines.base import ModelInfo, ModelSpec, TensorSpec
 from engines.onnx.iobinding import CudaIOBinding
 from engines.tensor_engine import DimNames, TensorEngine, load_error
@@ -29,6 +30,7 @@ _ORT_DTYPES = {
     "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int16)": "int16",
     "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(uint16)": "uint16",
     "tensor(uint32)": "uint32", "tensor(uint64)": "uint64", "tensor(bool)": "bool",
+    "tensor(string)": BYTES,
 }
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -147,11 +149,17 @@ class OnnxEngine(TensorEngine):
         return self._session is not None
 
     def _execute(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if any(a.dtype == object for a in feeds.values()):
+            # string tensors live on the host: no IO binding for them
+            feeds = {n: _ort_strings(n, a) if a.dtype == object else a for n, a in feeds.items()}
+            return [_bytes_of(v) for v in self._session.run(names, feeds, _QUIET_RUN)]
         if self._binding is not None:
             return self._binding.run(names, feeds, _QUIET_RUN)
         return self._session.run(names, feeds, _QUIET_RUN)
 
     def _run_error(self, exc: Exception) -> FerryError:
+        if isinstance(exc, FerryError):
+            return exc
         if isinstance(exc, InvalidArgument):
             return InvalidInput(f"the model rejected the input: {exc}", code="invalid_input")
         node = _failed_node(exc)
@@ -170,6 +178,23 @@ _QUIET_RUN = ort.RunOptions()
 _QUIET_RUN.log_severity_level = 4
 _NODE_FAILURE = re.compile(r"while running (\w+) node\. Name:'([^']*)' Status Message: "
                            r"(?:\S+:\d+ [^\n]*? was false\. )?([^\n]*)")
+
+
+def _ort_strings(name: str, arr: np.ndarray) -> np.ndarray:
+    """BYTES elements as the str objects onnxruntime's string tensors take (it would str() a
+    bytes object into "b'...'"). ONNX strings are UTF-8: other bytes are the client's 400."""
+    try:
+        return np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(arr)
+    except UnicodeDecodeError:
+        raise InvalidInput(f"input {name!r}: this ONNX model takes strings, and an element is "
+                           "not valid UTF-8", code="invalid_data", param=name) from None
+
+
+def _bytes_of(value: np.ndarray) -> np.ndarray:
+    """A string output as BYTES (an object array of UTF-8 bytes); other outputs unchanged."""
+    if value.dtype != object and value.dtype.kind != "U":
+        return value
+    return np.vectorize(lambda s: s.encode("utf-8", "surrogatepass"), otypes=[object])(value)
 
 
 def _failed_node(exc: Exception) -> str | None:

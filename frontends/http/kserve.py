@@ -15,7 +15,7 @@ from frontends.http.appkeys import DISPATCHER, SETTINGS
 from frontends.http.errors import request_id_of
 from frontends.http.json_body import decode_json
 from frontends.http.kserve_classify import classify_output, labels_for
-from frontends.http.kserve_codec import NUMPY_TO_KSERVE, encode_outputs, parse_infer
+from frontends.http.kserve_codec import NUMPY_TO_KSERVE, encode_outputs, parse_infer, parse_raw
 from frontends.http.kserve_settings import get_logging, get_trace, set_logging, set_trace
 from frontends.http.kserve_stats import statistics
 from frontends.http.security import principal_of
@@ -116,17 +116,25 @@ async def model_config(request: web.Request) -> web.Response:
     d = request.app[DISPATCHER]
     name, version, info = d.resolve(request.match_info["model"], _version(request))
     entry = d.placement.models[name]["versions"][str(version)]  # type: ignore[union-attr]
+    batched = int(info["max_batch_size"]) > 0
     return web.json_response({
         "name": name, "platform": info["platform"], "backend": entry.get("engine", ""),
         "max_batch_size": info["max_batch_size"],
-        "input": [{"name": t["name"], "data_type": "TYPE_" + _tensor_meta(t)["datatype"],
-                   "dims": t["shape"]} for t in info["inputs"]],
-        "output": [{"name": t["name"], "data_type": "TYPE_" + _tensor_meta(t)["datatype"],
-                    "dims": t["shape"]} for t in info["outputs"]],
+        "input": [_config_tensor(t, batched) for t in info["inputs"]],
+        "output": [_config_tensor(t, batched) for t in info["outputs"]],
         "version_policy": {"specific": {"versions": [version]}},
         "parameters": entry.get("config", {}),
         "sha256": entry.get("sha256"),
     })
+
+
+def _config_tensor(t: dict[str, Any], batched: bool) -> dict[str, Any]:
+    """A tensor as Triton's model config states it: dims without the batch dim of a batching
+    model, BYTES as TYPE_STRING."""
+    datatype = _tensor_meta(t)["datatype"]
+    return {"name": t["name"], "data_type": "TYPE_" + ("STRING" if datatype == "BYTES"
+                                                       else datatype),
+            "dims": t["shape"][1:] if batched else t["shape"]}
 
 
 @routes.post("/v2/models/{model}/infer")
@@ -139,8 +147,13 @@ async def infer(request: web.Request) -> web.Response:
         raise UnsupportedMediaType(f"content type {ctype!r} is not accepted; send "
                                    "application/json (with the binary-data extension if needed)")
     body = await request.read()
-    parsed = parse_infer(body, request.headers.get("Inference-Header-Content-Length"))
     d, settings = request.app[DISPATCHER], request.app[SETTINGS]
+    head_length = request.headers.get("Inference-Header-Content-Length")
+    if head_length is not None and head_length.strip() == "0":     # Triton's raw binary form
+        _, _, info = d.resolve(request.match_info["model"], _version(request))
+        parsed = parse_raw(body, info["inputs"], int(info["max_batch_size"]))
+    else:
+        parsed = parse_infer(body, head_length)
     out_shm = {o.name: o.shm for o in parsed.outputs or () if o.shm is not None}
     # A timeout past the wire's bound (24.8 days) is as good as none: clamp, do not refuse.
     timeout_ms = min(parsed.timeout_ms, P.MAX_TIMEOUT_MS)

@@ -4,6 +4,9 @@ Request body: JSON, optionally followed by raw tensor bytes when the header
 `Inference-Header-Content-Length` gives the JSON part's length. Inputs carry `data` (JSON, row
 major), `parameters.binary_data_size` (bytes taken in order from the binary part) or
 `parameters.shared_memory_region` (+ `shared_memory_byte_size`, `shared_memory_offset`).
+BYTES tensors are JSON strings in `data`, and in binary data or shared memory Triton's serialized
+form (daemon/tensor_bytes.py). A header length of 0 is Triton's raw binary request: no JSON at
+all, the body is the model's single input (`parse_raw`).
 """
 from __future__ import annotations
 
@@ -14,14 +17,16 @@ import numpy as np
 
 from daemon import protocol as P
 from daemon.errors import InvalidInput
+from daemon.tensor_bytes import BYTES, deserialize, wire_dtype
 from frontends.http.json_body import decode_json
 
-__all__ = ["KSERVE_TO_NUMPY", "NUMPY_TO_KSERVE", "ParsedInfer", "parse_infer", "encode_outputs"]
+__all__ = ["KSERVE_TO_NUMPY", "NUMPY_TO_KSERVE", "ParsedInfer", "parse_infer", "parse_raw",
+           "encode_outputs"]
 
 KSERVE_TO_NUMPY = {
     "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
     "UINT64": "uint64", "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
-    "FP16": "float16", "FP32": "float32", "FP64": "float64",
+    "FP16": "float16", "FP32": "float32", "FP64": "float64", "BYTES": BYTES,
 }
 NUMPY_TO_KSERVE = {v: k for k, v in KSERVE_TO_NUMPY.items()}
 MAX_ELEMENTS = 1 << 31
@@ -70,7 +75,31 @@ def _shape(name: str, raw: Any) -> tuple[int, ...]:
     return tuple(raw)
 
 
+def _json_strings(name: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
+    """BYTES from JSON: strings, nested like the shape or flat, as UTF-8 bytes."""
+    flat: list[bytes] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, str):
+            flat.append(item.encode("utf-8", "surrogatepass"))
+        else:
+            raise _bad(f"input {name!r}: BYTES data must be strings, got "
+                       f"{type(item).__name__}", "invalid_data", name)
+    need = int(np.prod(shape, dtype=np.int64))
+    if len(flat) != need:
+        raise _bad(f"input {name!r}: {len(flat)} values given, shape {list(shape)} needs {need}",
+                   "invalid_shape", name)
+    out = np.empty(need, dtype=object)
+    out[:] = flat
+    return out.reshape(shape)
+
+
 def _json_data(name: str, dtype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
+    if dtype == BYTES:
+        return _json_strings(name, shape, data)
     try:
         arr = np.asarray(data, dtype=dtype)
     except (TypeError, ValueError, OverflowError):
@@ -136,27 +165,28 @@ def parse_infer(body: bytes, header_length: str | None) -> ParsedInfer:
         if name in arrays or any(r.name == name for r in region_refs):
             raise _bad(f"input {name!r} given twice", param=name)
         datatype = item.get("datatype")
-        if datatype == "BYTES":
-            raise _bad(f"input {name!r}: datatype BYTES is not supported by this server",
-                       "invalid_dtype", name)
         dtype = KSERVE_TO_NUMPY.get(datatype) if isinstance(datatype, str) else None
         if dtype is None:
             raise _bad(f"input {name!r}: unknown datatype {datatype!r}", "invalid_dtype", name)
         shape = _shape(name, item.get("shape"))
         params = _params(item, f"input {name!r}")
-        nbytes = P.tensor_nbytes(dtype, shape)
+        # BYTES: the size is the data's (each element's length prefix and bytes)
+        nbytes = None if dtype == BYTES else P.tensor_nbytes(dtype, shape)
         if "shared_memory_region" in params:
             loc = _shm_loc(name, params, nbytes)
             region_refs.append(P.TensorRef(name, dtype, shape, shm=loc))
         elif "binary_data_size" in params:
             size = params["binary_data_size"]
-            if not isinstance(size, int) or size != nbytes:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or (
+                    nbytes is not None and size != nbytes):
                 raise _bad(f"input {name!r}: binary_data_size {size!r} does not match the "
                            f"{nbytes} bytes of its datatype and shape", "invalid_shape", name)
             if pos + size > len(binary):
                 raise _bad(f"input {name!r}: the binary body ends before its {size} bytes",
                            "truncated_body", name)
-            arrays[name] = np.frombuffer(binary[pos:pos + size], dtype=dtype).reshape(shape)
+            chunk = binary[pos:pos + size]
+            arrays[name] = deserialize(chunk, shape, name) if dtype == BYTES else \
+                np.frombuffer(chunk, dtype=dtype).reshape(shape)
             pos += size
         elif "data" in item:
             arrays[name] = _json_data(name, dtype, shape, item["data"])
@@ -219,10 +249,14 @@ def encode_outputs(arrays: dict[str, np.ndarray], parsed: ParsedInfer,
     for name, arr in arrays.items():
         if wanted is not None and name not in wanted:
             continue
-        strings = arr.dtype == object          # BYTES: classification results
-        entry: dict[str, Any] = {"name": name, "shape": list(arr.shape), "datatype":
-                                 "BYTES" if strings else NUMPY_TO_KSERVE[arr.dtype.name]}
-        if strings:
+        strings = arr.dtype == object          # BYTES: string models, classification results
+        entry: dict[str, Any] = {"name": name, "shape": list(arr.shape),
+                                 "datatype": NUMPY_TO_KSERVE[wire_dtype(arr)]}
+        if name in out_shm:
+            loc = out_shm[name]
+            entry["parameters"] = {"shared_memory_region": loc.region,
+                                   "shared_memory_byte_size": loc.nbytes}
+        elif strings:
             items = [bytes(b) for b in arr.reshape(-1)]
             if wanted[name].binary if wanted is not None else parsed.binary_default:
                 # the binary-data form of BYTES: each element after its 4-byte LE length
@@ -230,11 +264,7 @@ def encode_outputs(arrays: dict[str, np.ndarray], parsed: ParsedInfer,
                 entry["parameters"] = {"binary_data_size": len(packed)}
                 chunks.append(packed)
             else:
-                entry["data"] = [b.decode() for b in items]
-        elif name in out_shm:
-            loc = out_shm[name]
-            entry["parameters"] = {"shared_memory_region": loc.region,
-                                   "shared_memory_byte_size": loc.nbytes}
+                entry["data"] = [_text(name, b) for b in items]
         elif (wanted[name].binary if wanted is not None else parsed.binary_default):
             data = np.ascontiguousarray(arr)
             entry["parameters"] = {"binary_data_size": data.nbytes}
@@ -243,3 +273,41 @@ def encode_outputs(arrays: dict[str, np.ndarray], parsed: ParsedInfer,
             entry["data"] = arr.reshape(-1).tolist()
         entries.append(entry)
     return entries, chunks
+
+
+def _text(name: str, value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad(f"output {name!r} holds bytes that are not UTF-8 and cannot be a JSON "
+                   "string; request it with binary_data", "output_not_utf8", name) from None
+
+
+def parse_raw(body: bytes, inputs: list[dict[str, Any]], max_batch_size: int) -> ParsedInfer:
+    """Triton's raw binary request (Inference-Header-Content-Length: 0): the whole body is the
+    model's single input. A BYTES input takes the body as its one element (shape [1], [1, 1]
+    with a batch dim); another dtype needs static dims (but the batch dim, 1) that the body's
+    size fills exactly. Every output comes back in binary form."""
+    if len(inputs) != 1:
+        raise _bad(f"a raw binary request (Inference-Header-Content-Length: 0) needs a model "
+                   f"with exactly one input; this one has {len(inputs)}", "raw_request_unsupported")
+    spec = inputs[0]
+    name, dtype = spec["name"], spec["dtype"]
+    dims = list(spec["shape"])
+    if max_batch_size > 0 and dims and dims[0] == -1:
+        dims[0] = 1
+    if dtype == BYTES:
+        arr = np.empty(1, dtype=object)
+        arr[0] = bytes(body)
+        shape = tuple(1 for _ in dims) or (1,)
+        return ParsedInfer(None, {name: arr.reshape(shape)}, [], None, True)
+    if any(d < 0 for d in dims):
+        raise _bad(f"a raw binary request cannot give input {name!r} a shape: the model "
+                   f"declares {spec['shape']}, with dynamic dims; send a JSON header",
+                   "raw_request_unsupported", name)
+    need = P.tensor_nbytes(dtype, tuple(dims))
+    if len(body) != need:
+        raise _bad(f"raw binary input {name!r}: the body has {len(body)} bytes, "
+                   f"{NUMPY_TO_KSERVE[dtype]} {dims} needs {need}", "invalid_shape", name)
+    arr = np.frombuffer(body, dtype=dtype).reshape(dims)
+    return ParsedInfer(None, {name: arr}, [], None, True)

@@ -41,14 +41,15 @@ def _inp(name: str = "x", datatype: str = "FP32", shape: Any = (2, 2), **extra: 
 def test_json_tensors_of_every_datatype():
     inputs = []
     for kdt, npdt in KSERVE_TO_NUMPY.items():
-        data = [True, False] if kdt == "BOOL" else [1, 2]
+        data = [True, False] if kdt == "BOOL" else ["1", "2"] if kdt == "BYTES" else [1, 2]
         inputs.append(_inp(kdt.lower(), kdt, [2], data=data))
     parsed = _parse({"inputs": inputs})
     assert list(parsed.arrays) == [k.lower() for k in KSERVE_TO_NUMPY]
     for kdt, npdt in KSERVE_TO_NUMPY.items():
         arr = parsed.arrays[kdt.lower()]
-        assert arr.dtype == np.dtype(npdt) and arr.shape == (2,)
+        assert arr.dtype == np.dtype(object if kdt == "BYTES" else npdt) and arr.shape == (2,)
     assert parsed.arrays["fp32"].tolist() == [1.0, 2.0]
+    assert parsed.arrays["bytes"].tolist() == [b"1", b"2"]
     assert parsed.region_refs == [] and parsed.outputs is None
     assert parsed.binary_default is False and parsed.id is None and parsed.timeout_ms == 0
 
@@ -164,8 +165,8 @@ BAD_JSON: dict[str, tuple[Any, str, str | None]] = {
                               "invalid_input", None),
     "request parameters list": ({"inputs": [_ok()], "parameters": [1]}, "invalid_input", None),
     "request parameters null": ({"inputs": [_ok()], "parameters": None}, "invalid_input", None),
-    "datatype BYTES": ({"inputs": [_inp(datatype="BYTES", data=["a"] * 4)]},
-                       "invalid_dtype", "x"),
+    "BYTES numbers": ({"inputs": [_inp(datatype="BYTES", data=[1] * 4)]},
+                      "invalid_data", "x"),
     "datatype unknown": ({"inputs": [_inp(datatype="FP8", data=[1] * 4)]}, "invalid_dtype", "x"),
     "datatype lowercase": ({"inputs": [_inp(datatype="fp32", data=[1] * 4)]},
                            "invalid_dtype", "x"),
