@@ -39,6 +39,11 @@ LAYOUTS = ("flat", "nchw", "nhwc")
 RESAMPLE = ("nearest", "bilinear", "bicubic", "box", "lanczos")
 MAX_SIDE = 8192                  # of the model's input, not of an upload
 DEFAULT_MAX_PIXELS = 25_000_000  # about 5000 x 5000: a photo, not a decompression bomb
+# Pillow walks these one by one in Python (~7 us each): bounded, a file made of empty ones
+# cannot buy seconds of a worker's CPU. libpng writes 8 KiB IDATs: 20000 chunks is 160 MB.
+MAX_PNG_CHUNKS = 20_000
+MAX_JPEG_MARKERS = 2_000         # up to the first scan; a photo has a few dozen
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PRE_KEYS = {"kind", "width", "height", "channels", "scale", "invert", "layout", "input", "mean",
              "std", "resample", "max_pixels"}
 _POST_KEYS = {"kind", "labels", "top_k", "output", "softmax"}
@@ -156,14 +161,16 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                  draft: ImageSpec | None = None) -> Any:
     """Decode PNG or JPEG bytes into a loaded `PIL.Image`, refusing anything else.
 
-    The header is checked (format, then dimensions against `max_pixels`) before any pixel is
-    decoded, so a small file that claims 100000 x 100000 costs nothing; `verify()` then checks
+    The file's chunk (PNG) or marker (JPEG) count is bounded first, then the header is
+    checked (format, then dimensions against `max_pixels`) before any pixel is decoded, so a
+    small file that claims 100000 x 100000 costs nothing; `verify()` then checks
     the file's structure (PNG chunk CRCs) before the real decode. With `draft`, a JPEG decodes
     at the smallest DCT scale still at least the model's size (a 12 MP photo for a 224 x 224
     model decodes at 1/8 size)."""
     from PIL import Image, UnidentifiedImageError
     if not data:
         raise InvalidInput("the uploaded file is empty", code="empty_file", param="file")
+    _check_structure(data)
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that: make it an error.
@@ -234,6 +241,32 @@ def _check_size(size: tuple[int, int], max_pixels: int) -> None:
                            param="file")
     if width * height > max_pixels:
         raise _too_large(f"the image ({width}x{height})", max_pixels)
+
+
+def _check_structure(data: bytes) -> None:
+    """Refuse a PNG of more than MAX_PNG_CHUNKS chunks, or a JPEG of more than
+    MAX_JPEG_MARKERS markers (fill bytes included) before its first scan. The count stops at
+    the limit, so it costs at most a few milliseconds."""
+    if data.startswith(_PNG_SIGNATURE):
+        pos, limit, what = len(_PNG_SIGNATURE), MAX_PNG_CHUNKS, "chunks"
+        for _ in range(limit + 1):
+            if pos + 8 > len(data):
+                return
+            pos += 12 + int.from_bytes(data[pos:pos + 4], "big")    # length, type, data, CRC
+    elif data.startswith(b"\xff\xd8"):
+        pos, limit, what = 2, MAX_JPEG_MARKERS, "markers before its first scan"
+        for _ in range(limit + 1):
+            if pos + 4 > len(data) or data[pos] != 0xFF or data[pos + 1] in (0xDA, 0xD9):
+                return                                   # a scan, the end, or not a marker
+            marker = data[pos + 1]
+            if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD7:
+                pos += 1 if marker == 0xFF else 2         # fill byte, or no length field
+            else:
+                pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    else:
+        return
+    raise InvalidInput(f"the image holds more than {limit} {what}", code="invalid_image",
+                       param="file")
 
 
 def _too_large(what: str, max_pixels: int) -> PayloadTooLarge:

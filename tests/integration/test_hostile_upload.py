@@ -122,6 +122,12 @@ def images() -> dict[str, tuple[bytes, int | None]]:
         "jpeg_0x0": (_jpeg_sof(0, 0), 400),
         "png_ztxt_bomb": (_png(4, 4, idat=b"\0" * 20, extra=_chunk(
             b"zTXt", b"k\0\0" + zlib.compress(b"a" * (50 << 20)))), 400),
+        # CPU bombs: Pillow walked each chunk or marker in Python, 3-13 s for these 7 MB
+        "png_490k_text_chunks": (_png(4, 4, idat=b"\0" * 20,
+                                      extra=_chunk(b"tEXt", b"k\0v") * 490_000), 400),
+        "jpeg_1_8m_empty_markers": (jpeg[:2] + struct.pack(">BBH", 0xFF, 0xE5, 2) * (7 << 18)
+                                    + jpeg[2:], 400),
+        "jpeg_7mb_fill_bytes": (jpeg[:2] + b"\xff" * (7 << 20) + jpeg[2:], 400),
         "png_iccp_bomb": (_png(4, 4, idat=b"\0" * 20, extra=_chunk(
             b"iCCP", b"k\0\0" + zlib.compress(b"a" * (50 << 20)))), 400),
         # other formats and frames
@@ -372,3 +378,16 @@ def test_concurrent_uploads_at_the_pixel_limit_leave_rss_flat(ferry):
             assert statuses == [200] * 8
     assert ferry.child_pids("http") == [worker]
     assert _rss_mb(worker) - rss_before < RSS_GROWTH_MB, (rss_before, _rss_mb(worker))
+
+
+def test_uploads_of_countless_tiny_chunks_are_refused_at_once(ferry):
+    """7 MB of empty PNG chunks or JPEG markers: Pillow parsed them one by one in Python and
+    answered 200 after 3 to 13 s of the worker's CPU; now a bounded count refuses them."""
+    imgs = images()
+    for label in ("png_490k_text_chunks", "jpeg_1_8m_empty_markers"):
+        body, headers = _as_file(imgs[label][0])
+        started = time.monotonic()
+        status, _, answer = call(ferry, "POST", PREDICT, raw=body, headers=headers)
+        elapsed = time.monotonic() - started
+        assert (status, error_code(answer)) == (400, "invalid_image"), (label, answer)
+        assert elapsed < 3.0, (label, elapsed)
