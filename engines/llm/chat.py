@@ -14,7 +14,7 @@ from typing import Any
 
 from daemon.errors import InvalidInput
 
-__all__ = ["ChatTemplate", "render_chat"]
+__all__ = ["ChatTemplate", "render_chat", "template_variables"]
 
 
 class TemplateRaised(InvalidInput):
@@ -89,3 +89,16 @@ def render_chat(source: str, messages: list[dict], add_generation_prompt: bool =
                 **variables: Any) -> str:
     """Render with a template compiled once per distinct source."""
     return _compiled(source).render(messages, add_generation_prompt, **variables)
+
+
+@functools.lru_cache(maxsize=16)
+def template_variables(source: str) -> frozenset[str]:
+    """The variables a template reads from its context (`messages`, `tools`, `bos_token`, ...):
+    whether it renders tools itself is whether `tools` is among them."""
+    import jinja2
+    from jinja2 import meta
+
+    try:
+        return frozenset(meta.find_undeclared_variables(_environment().parse(source)))
+    except jinja2.TemplateError as exc:
+        raise InvalidInput(f"chat template does not compile: {exc}") from exc

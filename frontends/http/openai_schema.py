@@ -5,14 +5,16 @@ Every bad field raises `InvalidInput` whose `param` is the path of the field as 
 
 - `missing_parameter`: a required field is absent;
 - `invalid_parameter`: a field has the wrong type or is out of range;
-- `unsupported_parameter`: a field OpenAI defines but Ferry does not serve (tools, logit_bias,
+- `unsupported_parameter`: a field OpenAI defines but Ferry does not serve (logit_bias,
   top_logprobs > 0, ...) was set to something other than its neutral value. Failing loudly beats
   silently answering a different question than the one asked.
 
 Fields nobody defines are ignored, as vLLM and llama.cpp do, so clients that send extra keys keep
 working. The same parsers serve the WebSocket protocol (frontends/http/ws.py). Output constraints
 (`response_format`, vLLM's `structured_outputs` and `guided_*`) are read by
-frontends/http/structured.py.
+frontends/http/structured.py, `tools` and `tool_choice` by frontends/http/tools.py (only where
+the caller serves them: `parse_chat(..., allow_tools=True)`; elsewhere they are
+`unsupported_parameter`).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any
 
 from daemon.errors import InvalidInput
 from frontends.http.structured import parse_structured
+from frontends.http.tools import ToolRequest, parse_tools, read_tool_calls
 
 __all__ = [
     "MAX_N", "MAX_STOPS", "MAX_PROMPTS", "MAX_EMBED_INPUTS", "GenParams", "ChatRequest",
@@ -78,8 +81,9 @@ class GenParams:
 @dataclass(slots=True)
 class ChatRequest:
     model: str
-    messages: list[dict[str, str]]       # [{"role", "content"}], content flattened to text
-    params: GenParams
+    messages: list[dict[str, Any]]       # [{"role", "content"}], content flattened to text;
+    params: GenParams                    # assistant "tool_calls", tool "tool_call_id" as given
+    tools: ToolRequest | None = None     # None: no tools offered, or tool_choice "none"
 
 
 @dataclass(slots=True)
@@ -263,7 +267,42 @@ def _content(v: Any, param: str, role: str) -> str:
     return "".join(texts)
 
 
-def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def _message(m: Any, where: str, allow_tools: bool) -> dict[str, Any]:
+    if not isinstance(m, dict):
+        raise _bad(where, "must be an object with 'role' and 'content'")
+    role = m.get("role")
+    if role is None:
+        raise _bad(f"{where}.role", "is required", "missing_parameter")
+    if role == "tool" and allow_tools:
+        call_id = m.get("tool_call_id")
+        if call_id is None:
+            raise _bad(f"{where}.tool_call_id", "is required", "missing_parameter")
+        if not isinstance(call_id, str) or not call_id:
+            raise _bad(f"{where}.tool_call_id", "must be a non-empty string")
+        if "content" not in m:
+            raise _bad(f"{where}.content", "is required", "missing_parameter")
+        return {"role": "tool", "tool_call_id": call_id,
+                "content": _content(m.get("content"), f"{where}.content", role)}
+    if not isinstance(role, str) or role not in _ROLES:     # a list is unhashable
+        if role in ("tool", "function"):
+            raise _bad(f"{where}.role", f"{role!r} messages are not supported here (no tool "
+                       "calling)", "unsupported_parameter")
+        raise _bad(f"{where}.role", "must be one of 'system', 'developer', 'user', "
+                   f"'assistant'{', ' + repr('tool') if allow_tools else ''}, got {role!r}")
+    if "content" not in m and role != "assistant":
+        raise _bad(f"{where}.content", "is required", "missing_parameter")
+    out: dict[str, Any] = {"role": _ROLES[role],
+                           "content": _content(m.get("content"), f"{where}.content", role)}
+    if m.get("tool_calls"):
+        if not allow_tools or role != "assistant":
+            raise _bad(f"{where}.tool_calls", "are not supported here (no tool calling)"
+                       if not allow_tools else "belong to assistant messages",
+                       "unsupported_parameter" if not allow_tools else "invalid_parameter")
+        out["tool_calls"] = read_tool_calls(m["tool_calls"], f"{where}.tool_calls")
+    return out
+
+
+def _messages(body: dict[str, Any], allow_tools: bool) -> list[dict[str, Any]]:
     raw = body.get("messages")
     if raw is None:
         raise _bad("messages", "is required", "missing_parameter")
@@ -271,34 +310,15 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
         raise _bad("messages", "must be a list of message objects")
     if not raw:
         raise _bad("messages", "must hold at least one message", "empty_messages")
-    out = []
-    for i, m in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _bad(where, "must be an object with 'role' and 'content'")
-        role = m.get("role")
-        if role is None:
-            raise _bad(f"{where}.role", "is required", "missing_parameter")
-        if not isinstance(role, str) or role not in _ROLES:     # a list is unhashable
-            if role in ("tool", "function"):
-                raise _bad(f"{where}.role", f"{role!r} messages are not supported (no tool "
-                           "calling)", "unsupported_parameter")
-            raise _bad(f"{where}.role", "must be one of 'system', 'developer', 'user', "
-                       f"'assistant', got {role!r}")
-        if "content" not in m and role != "assistant":
-            raise _bad(f"{where}.content", "is required", "missing_parameter")
-        if m.get("tool_calls"):
-            raise _bad(f"{where}.tool_calls", "are not supported (no tool calling)",
-                       "unsupported_parameter")
-        out.append({"role": _ROLES[role], "content": _content(m.get("content"),
-                                                               f"{where}.content", role)})
-    return out
+    return [_message(m, f"messages[{i}]", allow_tools) for i, m in enumerate(raw)]
 
 
-def parse_chat(body: Any) -> ChatRequest:
+def parse_chat(body: Any, *, allow_tools: bool = False) -> ChatRequest:
+    """A chat body; `tools` (with `tool_choice`, `parallel_tool_calls`, tool messages and
+    assistant tool calls) only where `allow_tools`, the callers that render and parse them."""
     body = require_object(body)
     model = _model(body)
-    messages = _messages(body)
+    messages = _messages(body, allow_tools)
     params = _gen_params(body, chat=True)
     params.logprobs = _bool(body, "logprobs")
     top = body.get("top_logprobs")
@@ -309,15 +329,16 @@ def parse_chat(body: Any) -> ChatRequest:
             raise _bad("top_logprobs", "> 0 is not supported by this server; the sampled "
                        "token's logprob is returned with 'logprobs': true",
                        "unsupported_parameter")
-    choice = body.get("tool_choice")
-    if choice is not None and choice != "none" and not body.get("tools"):
-        # vLLM's rule: a tool choice other than "none" names tools the request must carry
-        raise _bad("tool_choice", "needs 'tools': when using tool_choice, tools must be set")
-    if body.get("tools") or body.get("functions"):
-        param = "tools" if body.get("tools") else "functions"
-        raise _bad(param, "are not supported by this server (no tool calling)",
+    if body.get("functions"):
+        raise _bad("functions", "are not supported by this server; use 'tools'",
                    "unsupported_parameter")
-    return ChatRequest(model, messages, params)
+    if body.get("tools") and not allow_tools:
+        raise _bad("tools", "are not supported here (no tool calling)", "unsupported_parameter")
+    tools = parse_tools(body)           # also: tool_choice other than "none" needs tools
+    if tools is not None and tools.choice != "auto" and params.structured is not None:
+        raise _bad("tool_choice", f"{tools.choice!r} constrains the output to tool calls, "
+                   "so it cannot be combined with response_format or guided decoding")
+    return ChatRequest(model, messages, params, tools)
 
 
 # -- completions --------------------------------------------------------------------------------
