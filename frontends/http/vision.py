@@ -114,9 +114,9 @@ def _version(request: web.Request) -> int | None:
     raw = request.match_info.get("version") or request.query.get("version")
     if raw is None or raw == "":
         return None
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-        raise InvalidInput(f"version {raw!r} must be a positive integer", param="version")
-    return int(raw)
+    if (value := _positive_int(raw)) is None:
+        raise InvalidInput(f"version {raw!r:.40} must be a positive integer", param="version")
+    return value
 
 
 def _top_k(request: web.Request, cfg: VisionConfig) -> int | None:
@@ -126,9 +126,17 @@ def _top_k(request: web.Request, cfg: VisionConfig) -> int | None:
     if cfg.classify is None:
         raise InvalidInput("top_k needs a model with a [postprocess] kind = \"classify\" table",
                            code="invalid_parameter", param="top_k")
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-        raise InvalidInput(f"top_k {raw!r} must be a positive integer", code="invalid_parameter",
-                           param="top_k")
+    if (value := _positive_int(raw)) is None:
+        raise InvalidInput(f"top_k {raw!r:.40} must be a positive integer",
+                           code="invalid_parameter", param="top_k")
+    return value
+
+
+def _positive_int(raw: str) -> int | None:
+    """`raw` as an integer in [1, 10**18), else None. The length goes first: int() of more
+    than 4300 digits raises ValueError, and "²".isdigit() holds yet int("²") fails."""
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18) or int(raw) < 1:
+        return None
     return int(raw)
 
 

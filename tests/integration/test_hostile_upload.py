@@ -259,9 +259,11 @@ def bodies(png: bytes) -> dict[str, tuple[bytes, dict[str, str], int | None]]:
 
 def queries() -> dict[str, tuple[str, int | None]]:
     return {"top_k_zero": ("?top_k=0", 400), "top_k_negative": ("?top_k=-1", 400),
-            "top_k_huge": ("?top_k=" + "9" * 100, 200), "top_k_empty": ("?top_k=", 400),
+            "top_k_huge": ("?top_k=" + "9" * 100, 400), "top_k_empty": ("?top_k=", 400),
+            "top_k_5000_digits": ("?top_k=" + "9" * 5000, 400),            # was a 500
+            "version_5000_digits": ("?version=" + "9" * 5000, 400),        # was a 500
             "top_k_arabic_digit": ("?top_k=%D9%A1", 400), "version_zero": ("?version=0", 400),
-            "version_huge": ("?version=" + "9" * 40, 404), "version_text": ("?version=x", 400),
+            "version_huge": ("?version=" + "9" * 40, 400), "version_text": ("?version=x", 400),
             "two_versions": ("?version=1&version=x", None)}
 
 
@@ -277,7 +279,9 @@ def corpus(png: bytes) -> list[tuple[str, str, bytes, dict[str, str], int | None
     for label, path, want in (("unknown_model", "/v1/models/nope/predict", 404),
                               ("long_model", f"/v1/models/{'m' * 300}/predict", 404),
                               ("nul_model", "/v1/models/a%00b/predict", 404),
-                              ("version_path_text", "/v1/models/digits/versions/x/predict", 400)):
+                              ("version_path_text", "/v1/models/digits/versions/x/predict", 400),
+                              ("version_path_5000_digits",
+                               f"/v1/models/digits/versions/{'9' * 5000}/predict", 400)):
         probes.append((f"path {label}", path, body, headers, want))
     return probes
 
