@@ -4,7 +4,8 @@
     frontend_ready   a frontend is listening
     validate         load a candidate model privately on one engine, then unload it
     index            repository index (Triton's /v2/repository/index)
-    load / unload    one model, every version the policy selects
+    load / unload    one model, every version the policy selects (refused in control mode
+                     "none", as Triton does); load may carry model.toml overrides
     register_region / unregister_region   client shared-memory regions, daemon-wide
     reload           as SIGHUP
     log_level        read, or set daemon-wide (every process, children restarted later too)
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon import protocol as P
 from daemon.errors import FerryError, InvalidInput, ModelNotFound
+from daemon.model_override import materialize
 from daemon.repository import NAME_RE, scan, select_versions
 
 if TYPE_CHECKING:
@@ -42,8 +44,8 @@ def _by_sha(sup: Supervisor, name: str) -> str:
     return name
 
 
-async def _index(sup: Supervisor) -> dict[str, Any]:
-    rows = []
+async def _index(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
     on_disk = scan(sup.cfg.model_repository)
     seen = set()
     for (name, version), mv in sorted(sup.models.items()):
@@ -58,26 +60,48 @@ async def _index(sup: Supervisor) -> dict[str, Any]:
             if (name, v) not in seen:
                 rows.append({"name": name, "version": str(v), "state": "UNAVAILABLE",
                              "reason": "unloaded"})
+    if args.get("ready"):        # Triton's "ready": only what can serve now
+        rows = [r for r in rows if r["state"] == "READY"]
     return {"models": rows}
 
 
+def _check_control_mode(sup: Supervisor) -> None:
+    # Triton refuses explicit loads and unloads unless its model control mode allows them
+    if sup.cfg.repository.control_mode == "none":
+        raise InvalidInput("explicit model load / unload is not allowed when "
+                           "repository.control_mode is \"none\"; set it to \"explicit\" "
+                           "(or \"poll\")", code="model_control_disabled")
+
+
 async def _load(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
+    _check_control_mode(sup)
     name = _by_sha(sup, _model_arg(args))
     versions = scan(sup.cfg.model_repository).get(name)
     if not versions:
-        raise ModelNotFound(f"model {name!r} is not in the repository", param="model")
+        # "failed to load": Triton's wording, which its clients match
+        raise ModelNotFound(f"failed to load {name!r}: it is not in the repository",
+                            param="model")
     wanted = select_versions(versions, sup.cfg.repository.version_policy)
+    overrides = args.get("overrides")
+    if overrides:       # Triton's parameters.config: engines load a private, rewritten copy
+        if not isinstance(overrides, dict):
+            raise InvalidInput("overrides must be a map", code="bad_message")
+        base = sup.cfg.state_dir / "model-overrides" / name
+        wanted = {v: materialize(p, base / str(v), overrides) for v, p in wanted.items()}
     async with sup._lock:
         loaded = []
         for v, path in sorted(wanted.items()):
             key = (name, v)
-            if key in sup.models and sup.models[key].state == "ready":
-                continue
+            if key in sup.models and sup.models[key].state == "ready" \
+                    and sup.models[key].path == path and not overrides:
+                continue        # idempotent; a new config (or dropping one) reloads in place
+            serving = key in sup.models and sup.models[key].state == "ready"
             if not await sup._load(name, v, path):
                 failed = sup.models[key]
-                del sup.models[key]
-                sup.publish()
                 code, status = failed.error_code
+                if not serving:         # a failed reload keeps serving what it had
+                    del sup.models[key]
+                    sup.publish()
                 raise FerryError(f"model {name!r} version {v} failed to load: "
                                  f"{failed.error or 'load failed'}", code=code, status=status)
             loaded.append(v)
@@ -88,6 +112,7 @@ async def _load(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _unload(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
+    _check_control_mode(sup)
     name = _by_sha(sup, _model_arg(args))
     keys = [k for k in sup.models if k[0] == name]
     if not keys:
@@ -170,7 +195,7 @@ async def handle_control(sup: Supervisor, op: str, args: dict[str, Any]) -> dict
         sup.frontends_ready.add(str(args.get("role")))
         return {}
     if op == "index":
-        return await _index(sup)
+        return await _index(sup, args)
     if op == "load":
         return await _load(sup, args)
     if op == "unload":

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
 from daemon.errors import FerryError, InternalError, InvalidInput
 from daemon.tensor_bytes import BYTES
@@ -202,7 +202,7 @@ def _failed_node(exc: Exception) -> str | None:
     this request's data (a broadcast of mismatched dims, an index out of range): the graph
     loaded and ran its warm-up, so the input is what it cannot take. None otherwise (memory,
     provider and other failures stay server errors)."""
-    if not isinstance(exc, Fail):
+    if not isinstance(exc, (Fail, RuntimeException)):   # RuntimeException: e.g. Cast of "x"
         return None
     text = str(exc)
     match = _NODE_FAILURE.search(text)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from daemon import protocol as P
 from daemon.errors import FerryError, InvalidInput, ModelNotFound, UnsupportedMediaType
+from daemon.model_override import parse_config
 from frontends.dispatch import Dispatcher
 from frontends.http.appkeys import DISPATCHER, SETTINGS
 from frontends.http.errors import request_id_of
@@ -295,20 +296,45 @@ def _is_int(value: object) -> TypeGuard[int]:
 
 @routes.post("/v2/repository/index")
 async def repository_index(request: web.Request) -> web.Response:
-    result = await request.app[DISPATCHER].control("index")
+    body = await _optional_object(request)
+    ready = body.get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidInput("'ready' must be a boolean", param="ready")
+    result = await request.app[DISPATCHER].control("index", {"ready": ready})
     return web.json_response(result.get("models", []))
 
 
 @routes.post("/v2/repository/models/{model}/load")
 async def repository_load(request: web.Request) -> web.Response:
-    await request.app[DISPATCHER].control("load", {"model": request.match_info["model"]})
+    model = request.match_info["model"]
+    params = (await _optional_object(request)).get("parameters", {})
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be an object", param="parameters")
+    files = sorted(k for k in params if isinstance(k, str) and k.startswith("file:"))
+    if files:
+        # Triton builds a model from uploaded files plus a config.pbtxt; a Ferry model needs
+        # its model.toml, which a Triton config does not carry
+        raise InvalidInput(f"failed to load {model!r}: loading from uploaded files ({files[0]}, "
+                           "...) is not supported; put the model in the repository and load "
+                           "it by name", code="invalid_model_config", param=files[0])
+    args: dict[str, Any] = {"model": model}
+    if "config" in params:
+        args["overrides"] = parse_config(model, params["config"])
+    await request.app[DISPATCHER].control("load", args)
     return web.json_response({})
 
 
 @routes.post("/v2/repository/models/{model}/unload")
 async def repository_unload(request: web.Request) -> web.Response:
+    await _optional_object(request)
     await request.app[DISPATCHER].control("unload", {"model": request.match_info["model"]})
     return web.json_response({})
+
+
+async def _optional_object(request: web.Request) -> dict[str, Any]:
+    """The repository routes' body: a JSON object, or nothing at all."""
+    raw = await request.read()
+    return await _json_object(request) if raw.strip() else {}
 
 
 # -- Ferry's own health routes --------------------------------------------------------------------

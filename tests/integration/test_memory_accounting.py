@@ -11,7 +11,8 @@ from tests.integration.daemon_proc import Daemon, http_get
 def test_model_over_budget_is_refused_and_the_rest_serves(demo_models, tmp_path_factory):
     # digits (~50 KiB) fits in 8 MiB; minilm (~90 MB of ONNX) does not.
     d = Daemon(tensor_repo(demo_models, tmp_path_factory, ("digits", "minilm")), workers=1,
-               extra_config="[engines]\nmemory_mb = 8\n").start()
+               extra_config="[engines]\nmemory_mb = 8\n"
+               '[repository]\ncontrol_mode = "explicit"\n').start()    # explicit: loads allowed
     try:
         code, ready = http_get(d.url + "/readyz")
         assert code == 200 and ready["models"]["digits"] == {"1": "ready"}

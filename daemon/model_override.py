@@ -1,0 +1,90 @@
+"""Triton's model-config override on load (`POST /v2/repository/models/{m}/load` with
+`parameters.config`), applied to a Ferry model version.
+
+Triton's config is JSON in protobuf's mapping (so `"max_batch_size": "16"` is the integer 16).
+The keys that mean something for a Ferry model.toml are mapped; any other key is refused rather
+than silently ignored. The override is materialized as a private copy of the version directory
+(every file linked, model.toml rewritten) under the state directory, and that copy is what the
+engines load: the repository on disk is never written. A later load without a config loads the
+repository's own version again.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import InvalidInput
+
+__all__ = ["parse_config", "materialize"]
+
+# Triton config keys whose meaning Ferry's model.toml has, and keys a client may repeat as long
+# as they agree with the model (Triton's own examples send the name and the backend).
+_MAPPED = ("max_batch_size",)
+_MUST_AGREE = ("name",)
+_TOP_KEY = re.compile(r"^\s*(\w+)\s*=")
+
+
+def _bad(model: str, why: str) -> InvalidInput:
+    # "failed to load": the text Triton's clients and examples look for
+    return InvalidInput(f"failed to load {model!r}: {why}", code="invalid_model_config",
+                        param="parameters.config")
+
+
+def _int(model: str, key: str, value: Any) -> int:
+    """An integer as protobuf's JSON mapping allows it: a number or a decimal string."""
+    if isinstance(value, str) and re.fullmatch(r"-?\d{1,12}", value.strip()):
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
+        raise _bad(model, f"config {key} must be an integer in [0, 2**31), got {value!r}")
+    return value
+
+
+def parse_config(model: str, raw: Any) -> dict[str, Any]:
+    """model.toml keys from Triton's JSON config override `raw` (a string, as Triton takes it)."""
+    if not isinstance(raw, str):
+        raise _bad(model, "parameters.config must be a string holding a JSON model config")
+    try:
+        config = json.loads(raw)
+    except ValueError as exc:
+        raise _bad(model, f"parameters.config is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise _bad(model, "parameters.config must be a JSON object")
+    unknown = sorted(set(config) - set(_MAPPED) - set(_MUST_AGREE))
+    if unknown:
+        raise _bad(model, f"config keys {unknown} have no Ferry equivalent; an override may set "
+                   f"{list(_MAPPED)} (and repeat {list(_MUST_AGREE)})")
+    if "name" in config and config["name"] != model:
+        raise _bad(model, f"config name {config['name']!r} is not the model's name")
+    out: dict[str, Any] = {}
+    if "max_batch_size" in config:
+        out["max_batch_size"] = _int(model, "max_batch_size", config["max_batch_size"])
+    return out
+
+
+def materialize(source: Path, target: Path, overrides: dict[str, Any]) -> Path:
+    """A copy of version directory `source` at `target` with `overrides` set in its model.toml
+    (top-level scalar keys); every other file is a symlink to the original."""
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.name != "model.toml":
+            (target / item.name).symlink_to(item.resolve(), target_is_directory=item.is_dir())
+    lines = (source / "model.toml").read_text().splitlines()
+    first_table = next((i for i, line in enumerate(lines) if line.lstrip().startswith("[")),
+                       len(lines))
+    kept = [line for i, line in enumerate(lines)
+            if i >= first_table or not ((m := _TOP_KEY.match(line)) and m.group(1) in overrides)]
+    head = [f"{key} = {json.dumps(value)}" for key, value in overrides.items()]
+    text = "\n".join(["# model.toml of " + str(source) + " with a load-time override", *head,
+                      *kept]) + "\n"
+    parsed = tomllib.loads(text)          # the rewrite must say what was asked, nothing else
+    if any(parsed.get(k) != v for k, v in overrides.items()):
+        raise InvalidInput(f"cannot apply override {overrides} to {source / 'model.toml'}",
+                           code="invalid_model_config")
+    (target / "model.toml").write_text(text)
+    return target
