@@ -7,13 +7,16 @@ events in OpenAI's chunk format ending with `data: [DONE]`. Errors use the OpenA
 cancels its engine requests at once (frontends/http/sse.py).
 
 Extensions beyond OpenAI, as vLLM names them: top_k, min_p, repetition_penalty, ignore_eos,
-stop_token_ids; a model may be named `name:version` to pin a version. vLLM's `/health` probe
+stop_token_ids; a model may be named `name:version` to pin a version. Chat takes OpenAI's
+`tools` and `tool_choice` (frontends/http/tools.py): calls come back as `message.tool_calls`
+with `finish_reason` "tool_calls", streamed as `delta.tool_calls` chunks. vLLM's `/health` probe
 is here too, and its `/tokenize` and `/detokenize` (frontends/http/tokenization.py).
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import os
@@ -21,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from aiohttp import web
@@ -31,12 +34,14 @@ from daemon.errors import ContextLengthExceeded, FerryError, InvalidInput, Unsup
 from frontends.http.appkeys import DISPATCHER, SETTINGS
 from frontends.http.errors import error_body, request_id_of
 from frontends.http.json_body import decode_json
-from frontends.http.openai_schema import (GenParams, parse_chat, parse_completion,
-                                          parse_embeddings)
+from frontends.http.openai_schema import (ChatRequest, GenParams, parse_chat,
+                                          parse_completion, parse_embeddings)
 from frontends.http.sse import SSEResponse, until_disconnect
 from frontends.http.security import principal_of
 from frontends.http.textgen import (TEXTS, USAGE, Generation, Piece, TextModel,
                                     encode_prompts, install, model_toml, resolve_model)
+from frontends.http.tool_calls import ToolCallParser, parse_calls
+from frontends.http.tools import constraint, pick_format, render_messages
 
 __all__ = ["routes", "setup", "read_json", "SYSTEM_FINGERPRINT"]
 
@@ -109,11 +114,45 @@ async def get_model(request: web.Request) -> web.Response:
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req = parse_chat(await read_json(request))
+    req = parse_chat(await read_json(request), allow_tools=True)
     tm = await request.app[TEXTS].text_model(req.model)
-    ids = await tm.encode(tm.render_chat(req.messages), add_special_tokens=False,
-                          param="messages")
-    return await _serve(request, tm, [ids], req.params, _Shape(chat=True), "messages", [""])
+    prompt, parsers = _chat_prompt(tm, req)
+    ids = await tm.encode(prompt, add_special_tokens=False, param="messages")
+    return await _serve(request, tm, [ids], req.params, _Shape(chat=True), "messages", [""],
+                        parsers)
+
+
+_Parsers = Callable[[], ToolCallParser]
+
+
+def _chat_prompt(tm: TextModel, req: ChatRequest) -> tuple[str, _Parsers | None]:
+    """The prompt, with the request's tools rendered as the template does (frontends/http/
+    tools.py); and, when tools are offered, what parses each choice's calls. A required or
+    named call becomes the request's output constraint."""
+    from engines.llm.chat import template_variables
+    from engines.llm.grammar import validate_structured
+
+    source = tm.template or tm.tokenizer.chat_template
+    if not source:
+        return tm.render_chat(req.messages), None       # refuses: no_chat_template
+    reads_tools = "tools" in template_variables(source)
+
+    def render(messages: list[dict[str, Any]], **variables: Any) -> str:
+        return tm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                template=tm.template, **variables)
+
+    prompt = render_messages(source, reads_tools, req.messages, req.tools, render)
+    if req.tools is None:
+        return prompt, None
+    fmt = pick_format(source, reads_tools)
+    spec = constraint(req.tools, fmt)
+    if spec is not None:
+        try:
+            req.params.structured = validate_structured(spec)
+        except InvalidInput as exc:    # a parameters schema the grammar library refuses
+            exc.param = "tools"
+            raise
+    return prompt, functools.partial(req.tools.parser, fmt)
 
 
 @routes.post("/v1/completions")
@@ -169,7 +208,7 @@ class _Shape:
 
 async def _serve(request: web.Request, tm: TextModel, prompts: list[list[int]],
                  params: GenParams, shape: _Shape, prompt_param: str,
-                 echo: list[str]) -> web.StreamResponse:
+                 echo: list[str], parsers: _Parsers | None = None) -> web.StreamResponse:
     gen = await Generation.start(request.app[DISPATCHER], tm, prompts, params,
                                  request_id=request_id_of(request), prompt_param=prompt_param)
     request[USAGE] = gen.usage      # counts as tokens arrive; charged to the key at the end
@@ -180,9 +219,11 @@ async def _serve(request: web.Request, tm: TextModel, prompts: list[list[int]],
     async with gen:     # however this ends, nothing stays running in the engine
         if params.stream:
             sse = SSEResponse(request)
-            await until_disconnect(request, _stream(sse, gen, tm, params, shape, head, echoes))
+            await until_disconnect(request, _stream(sse, gen, tm, params, shape, head, echoes,
+                                                    parsers))
             return sse.resp
-        body = await until_disconnect(request, _collect(gen, tm, shape, head, echoes))
+        body = await until_disconnect(request, _collect(gen, tm, shape, head, echoes,
+                                                        parsers))
     if body is None:
         return web.Response(status=_CLIENT_CLOSED)
     return web.json_response(body, dumps=_dumps)
@@ -193,7 +234,7 @@ def _dumps(obj: Any) -> str:
 
 
 async def _collect(gen: Generation, tm: TextModel, shape: _Shape, head: dict[str, Any],
-                   echoes: list[str]) -> dict[str, Any]:
+                   echoes: list[str], parsers: _Parsers | None) -> dict[str, Any]:
     n = len(gen.choices)
     texts: list[list[str]] = [[e] for e in echoes]
     ids: list[list[int]] = [[] for _ in range(n)]
@@ -208,11 +249,25 @@ async def _collect(gen: Generation, tm: TextModel, shape: _Shape, head: dict[str
     choices = [shape.choice(i, "".join(texts[i]), finish[i],
                             shape.logprobs(tm, ids[i], lps[i], len(echoes[i])))
                for i in range(n)]
+    if parsers is not None:
+        for choice in choices:
+            _with_calls(choice, parsers())
     return {**head, "choices": choices, "usage": gen.usage.to_dict()}
 
 
+def _with_calls(choice: dict[str, Any], parser: ToolCallParser) -> None:
+    """Move the tool calls of a chat choice's text into `message.tool_calls`."""
+    message = choice["message"]
+    message["content"], calls = parse_calls(parser, message["content"])
+    if calls:
+        message["tool_calls"] = [c.openai() for c in calls]
+        if choice["finish_reason"] == "stop":
+            choice["finish_reason"] = "tool_calls"
+
+
 async def _stream(sse: SSEResponse, gen: Generation, tm: TextModel, params: GenParams,
-                  shape: _Shape, head: dict[str, Any], echoes: list[str]) -> None:
+                  shape: _Shape, head: dict[str, Any], echoes: list[str],
+                  parsers: _Parsers | None) -> None:
     head = {**head, "object": shape.chunk_object}
     if params.include_usage:
         head["usage"] = None
@@ -224,9 +279,13 @@ async def _stream(sse: SSEResponse, gen: Generation, tm: TextModel, params: GenP
     # A chat choice's role rides on its first generated content, as vLLM sends it: a client
     # that stamps time to first token on the first chunk then measures the real one.
     unroled = set(range(len(echoes))) if shape.chat else set()
+    calls = {i: parsers() for i in range(len(echoes))} if parsers is not None else {}
     try:
         async for p in gen.pieces():
-            await _send_piece(sse, p, tm, shape, head, offsets, unroled)
+            if calls:
+                await _send_tool_piece(sse, p, calls[p.index], tm, head, unroled)
+            else:
+                await _send_piece(sse, p, tm, shape, head, offsets, unroled)
     except FerryError as exc:
         log.warning("stream %s failed: %s", head["id"], exc.message)
         # The headers went out already: the error travels as an event, which the OpenAI
@@ -254,6 +313,30 @@ async def _send_piece(sse: SSEResponse, p: Piece, tm: TextModel, shape: _Shape,
         unroled.discard(p.index)
         await sse.send({**head, "choices": [shape.delta(p.index, None, p.finish_reason, lp,
                                                        role)]})
+
+
+async def _send_tool_piece(sse: SSEResponse, p: Piece, parser: ToolCallParser, tm: TextModel,
+                           head: dict[str, Any], unroled: set[int]) -> None:
+    """A chat piece of a request with tools: content, then `delta.tool_calls` chunks (a call's
+    index, id, type and name first, its arguments in pieces after) as the openai client
+    assembles them; a choice that called a tool finishes with "tool_calls"."""
+    lp = _Shape(chat=True).logprobs(tm, p.token_ids, p.logprobs)
+    deltas = parser.feed(p.text) + (parser.finish() if p.finish_reason is not None else [])
+    for d in deltas:
+        delta = d.openai()
+        if p.index in unroled:
+            unroled.discard(p.index)
+            delta = {"role": "assistant", **delta}
+        await sse.send({**head, "choices": [{"index": p.index, "delta": delta,
+                                             "logprobs": lp, "finish_reason": None}]})
+        lp = None
+    if p.finish_reason is None:
+        return
+    finish = "tool_calls" if parser.calls and p.finish_reason == "stop" else p.finish_reason
+    delta = {"role": "assistant"} if p.index in unroled else {}
+    unroled.discard(p.index)
+    await sse.send({**head, "choices": [{"index": p.index, "delta": delta, "logprobs": lp,
+                                         "finish_reason": finish}]})
 
 
 # -- embeddings ---------------------------------------------------------------------------------
