@@ -9,6 +9,7 @@ reads it. Both sides of every process boundary import this one module.
 """
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -90,7 +91,7 @@ def from_buffer(name: str, dtype: str, shape: tuple[int, ...], data: Any) -> np.
     if dtype == BYTES:
         return deserialize(data, shape, name)
     size = memoryview(data).nbytes
-    need = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
+    need = np.dtype(dtype).itemsize * math.prod(shape)   # exact: an int64 product can wrap
     if size != need:
         raise InvalidInput(f"tensor {name!r}: frame holds {size} bytes, dtype and shape need "
                            f"{need}", code="invalid_shape", param=name)

@@ -29,6 +29,7 @@ from daemon import protocol as P
 from daemon.errors import FerryError, Forbidden, InternalError, InvalidInput
 from daemon.process import init_child, run_until_signalled
 from daemon.shm import Arena, RegionMap, segment_name
+from daemon.tensor_bytes import from_buffer
 from frontends.access import Access, AccessSettings
 from frontends.dispatch import Dispatcher
 from frontends.zmq_reader import LoopSocket
@@ -153,11 +154,7 @@ class ZmqFrontend:
             else:
                 buf = buffers[ref.frame_index()]
                 data = buf.buffer if hasattr(buf, "buffer") else buf
-                if len(data) != ref.nbytes:
-                    raise InvalidInput(f"input {ref.name!r}: frame holds {len(data)} bytes, "
-                                       f"dtype and shape need {ref.nbytes}",
-                                       code="invalid_shape", param=ref.name)
-                arrays[ref.name] = np.frombuffer(data, dtype=ref.dtype).reshape(ref.shape)
+                arrays[ref.name] = from_buffer(ref.name, ref.dtype, ref.shape, data)
         timeout = msg.timeout_ms / 1000 if msg.timeout_ms else self.timeout_s
         outcome = await self.d.infer(msg.model, msg.version or None, arrays, outputs=msg.outputs,
                                      timeout_s=timeout, request_id=msg.request_id,

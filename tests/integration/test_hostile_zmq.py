@@ -207,6 +207,9 @@ def _bad_tensors(c: Corpus) -> None:
     c.add("shape_huge_product", c.infer(inputs=[_tensor("pixels", "float32",
                                                         [2**39, 2**39, 2**39], {"frame": 0})]),
           [PIXELS])
+    c.add("shape_product_wraps_int64", c.infer(inputs=[_tensor("pixels", "float32",
+                                                               [2**32, 2**32], {"frame": 0})]),
+          [b""])
     c.add("shape_rank_16_overflow", c.infer(inputs=[_tensor("pixels", "float32", [2**39] * 16,
                                                         {"frame": 0})]), [PIXELS])
     c.add("shape_zero_rows", c.infer(inputs=[_tensor("pixels", "float32", [0, 64], {"frame": 0})]),
