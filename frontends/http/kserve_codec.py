@@ -155,6 +155,11 @@ def parse_infer(body: bytes, header_length: str | None) -> ParsedInfer:
     if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_TENSORS:
         raise _bad(f"'inputs' must be a list of 1 to {MAX_TENSORS} inputs", param="inputs")
     rparams = _params(req, "request")
+    sequence = sorted(k for k in ("sequence_id", "sequence_start", "sequence_end") if k in rparams)
+    if sequence:
+        # Ignoring them would run a stateful model as if stateless: say so instead
+        raise _bad(f"parameters {sequence}: sequence batching (stateful models) is not "
+                   "supported by this server", "sequence_unsupported", sequence[0])
     arrays: dict[str, np.ndarray] = {}
     region_refs: list[P.TensorRef] = []
     pos = 0

@@ -205,6 +205,15 @@ def test_bad_bytes_binary_is_a_400(ferry, tail, size, code):
     assert status == 400 and err["code"] == code, err
 
 
+@pytest.mark.parametrize("params", [{"sequence_id": 7}, {"sequence_start": True},
+                                    {"sequence_id": "corr", "sequence_end": True}])
+def test_sequence_parameters_are_a_clear_400(ferry, params):
+    body = {"inputs": [{"name": "INPUT0", "datatype": "INT32", "shape": [1, 16],
+                        "data": [1] * 16}], "parameters": params}
+    status, err = _post(ferry, "/v2/models/custom_identity_int32/infer", body)
+    assert status == 400 and err["code"] == "sequence_unsupported", err
+
+
 def test_raw_binary_request(ferry):
     data = np.arange(16, dtype=np.int32)
     status, body, headers = _raw(ferry, "/v2/models/custom_identity_int32/infer",
