@@ -11,6 +11,7 @@ import logging
 import operator
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from engines.llm.kv_cache import PagedKVCache
 from engines.llm.latency import RequestLatency
 from engines.llm.model import ForwardBatch, LlamaModel, load_model
 from engines.llm.quant import WEIGHT_FORMATS
-from engines.llm.grammar import GrammarCompiler
+from engines.llm.grammar import GrammarCompiler, allowed_tokens
 from engines.llm.sampling import Sampler, SamplingParams
 from engines.llm.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from engines.llm.sequence import Sequence
@@ -105,6 +106,7 @@ class LLMEngine(Engine):
         self.scheduler: Scheduler | None = None
         self.sampler: Sampler | None = None
         self.grammars: GrammarCompiler | None = None   # structured outputs, set by load()
+        self._mask_pool: ThreadPoolExecutor | None = None
         self.max_context = 0
         self._seqs: dict[str, Sequence] = {}
         # prompt_tokens: whole prompts (cached part included) of requests that produced their
@@ -262,14 +264,19 @@ class LLMEngine(Engine):
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        rows = batch.sample_rows
+        masks = self._start_masks([batch.seqs[r] for r in rows])
         try:
             logits = self.model(self._forward_batch(batch), self.kv)        # [B, V]
-            rows = batch.sample_rows
             if len(rows) != len(batch.seqs):
                 logits = logits[rows]
-            sampled = self.sampler(logits, [batch.seqs[r] for r in rows]) if rows else None
+            allowed = masks.result() if masks is not None else None
+            sampled = self.sampler(logits, [batch.seqs[r] for r in rows],
+                                   allowed) if rows else None
         except (RuntimeError, ValueError, IndexError) as exc:
             # Out of memory or a kernel error: fail this batch, keep the engine serving.
+            if masks is not None:
+                masks.cancel() or masks.exception()     # let it finish before the release
             return self._fail(batch, exc)
         self._counters["steps"] += 1
         if sampled is None:
@@ -278,6 +285,16 @@ class LLMEngine(Engine):
         reasons = self.scheduler.update(batch, sampled.token_ids)
         self._counters["tokens_generated"] += len(rows)
         return self._outputs(batch, sampled.token_ids, sampled.logprobs, reasons)
+
+    def _start_masks(self, seqs: list[Sequence]) -> Future[Any] | None:
+        """The grammar masks of the constrained rows, computed in a thread while the forward
+        pass runs (llguidance releases the GIL, as torch's kernels do)."""
+        matchers = [s.matcher for s in seqs if s.matcher is not None]
+        if not matchers:
+            return None
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="ferry-grammar")
+        return self._mask_pool.submit(allowed_tokens, matchers, self.cfg.vocab_size)
 
     def _forward_batch(self, batch: ScheduledBatch) -> ForwardBatch:
         tokens: list[int] = []

@@ -22,8 +22,9 @@ by deep-copying a compiled template kept in a bounded LRU cache per constraint, 
 compiled once however many requests use it. A constraint that cannot compile is a 400
 `invalid_grammar` carrying the library's message; HTTP workers check that before a request
 reaches an engine (`validate_structured`), so a streamed request gets a plain 400 too. This
-module imports neither torch nor numpy (HTTP workers use it); the mask is applied by
-engines/llm/sampling.py.
+module does not import torch (HTTP workers use it). The engine computes the next masks of a
+step's constrained rows in a thread while the forward pass runs (`allowed_tokens`, parallel
+across rows), and engines/llm/sampling.py applies them as one masked fill.
 """
 from __future__ import annotations
 
@@ -33,9 +34,12 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from daemon.errors import InvalidInput
 
-__all__ = ["GrammarCompiler", "check_structured", "validate_structured", "STRUCTURED_TYPES"]
+__all__ = ["GrammarCompiler", "check_structured", "validate_structured", "allowed_tokens",
+           "STRUCTURED_TYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -173,3 +177,25 @@ class GrammarCompiler:
         else:
             self._templates.move_to_end(key)
         return template.deep_copy()
+
+
+_EXECUTOR: Any = None
+
+
+def allowed_tokens(matchers: list[Any], vocab: int) -> np.ndarray:
+    """[len(matchers), vocab] booleans: the tokens each matcher allows next. Several matchers
+    are filled in parallel by llguidance's thread pool; the GIL is released throughout, so the
+    engine runs this beside the forward pass."""
+    import llguidance
+    from llguidance.numpy import fill_next_token_bitmask, fill_next_token_bitmask_par
+    global _EXECUTOR
+    bitmask = np.full(((len(matchers)), (vocab + 31) // 32), -1, dtype=np.int32)
+    if len(matchers) == 1:
+        fill_next_token_bitmask(matchers[0], bitmask, 0)
+    elif matchers:
+        if _EXECUTOR is None:
+            _EXECUTOR = llguidance.LLExecutor(num_threads=2)
+        fill_next_token_bitmask_par(_EXECUTOR, [(m, i) for i, m in enumerate(matchers)],
+                                    bitmask)
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
+    return bits[:, :vocab].astype(bool)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from daemon.errors import InvalidInput
-from engines.llm.grammar import check_structured
+from engines.llm.grammar import allowed_tokens, check_structured
 
 __all__ = ["SamplingParams", "SamplingRow", "SampleOutput", "Sampler", "GREEDY_EPS"]
 
@@ -135,12 +135,14 @@ class Sampler:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
         self._gen.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
-        """`logits` [B, V] (left unchanged), one row per entry of `rows`."""
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 allowed: np.ndarray | None = None) -> SampleOutput:
+        """`logits` [B, V] (left unchanged), one row per entry of `rows`; `allowed`: the
+        grammar masks of the constrained rows, in order, if already computed."""
         params = [r.params for r in rows]
         matchers = [getattr(r, "matcher", None) for r in rows]
         if any(m is not None for m in matchers):     # constrained rows: allowed tokens only
-            logits = _apply_masks(logits, matchers)
+            logits = _apply_masks(logits, matchers, allowed)
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
                for p in params):
             logits = _apply_penalties(logits.float(), rows)
@@ -300,19 +302,19 @@ def _top_p_sorted(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf"))
 
 
-def _apply_masks(logits: torch.Tensor, matchers: list[Any]) -> torch.Tensor:
-    """`logits` [B, V] with, in each row whose matcher is not None, every token the matcher
-    does not allow set to -inf (a new tensor; the input is left unchanged)."""
+def _apply_masks(logits: torch.Tensor, matchers: list[Any],
+                 allowed: np.ndarray | None) -> torch.Tensor:
+    """`logits` [B, V] with, in each row whose matcher is not None, every token it does not
+    allow set to -inf (a new tensor). `allowed` holds the constrained rows' masks in order,
+    when the engine computed them beside the forward pass; else they are computed here."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    vocab = logits.shape[-1]
+    if allowed is None:
+        allowed = allowed_tokens([matchers[i] for i in rows], vocab)
+    keep = allowed.any(axis=1)          # a row with nothing allowed: its stop token ends it
     out = logits.float().clone()
-    vocab = out.shape[-1]
-    for row, m in enumerate(matchers):
-        if m is None:
-            continue
-        bits = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)
-        allowed = np.unpackbits(bits, bitorder="little")[:vocab].astype(bool)
-        if allowed.shape[0] < vocab:                 # padded vocabulary rows: never allowed
-            allowed = np.concatenate([allowed, np.zeros(vocab - allowed.shape[0], bool)])
-        if not allowed.any():                        # nothing left: let the stop token end it
-            continue
-        out[row, torch.from_numpy(~allowed).to(out.device)] = float("-inf")
+    if keep.any():
+        idx = torch.tensor([r for r, k in zip(rows, keep) if k], device=out.device)
+        banned = torch.from_numpy(~allowed[keep]).to(out.device)
+        out[idx] = out[idx].masked_fill(banned, float("-inf"))
     return out
