@@ -260,7 +260,9 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not (raw.isascii() and raw.lstrip("-").isdigit()) or not lo <= int(raw) <= hi:
+    # 19 digits at most: int() refuses over 4300 and nothing here needs more than 2**63
+    if not (raw.isascii() and raw.lstrip("-").isdigit() and len(raw) <= 19) \
+            or not lo <= int(raw) <= hi:
         raise InvalidInput(f"{name} must be an integer in [{lo}, {hi}]", param=name)
     return int(raw)
 

@@ -35,8 +35,10 @@ def _version(request: web.Request) -> int | None:
     raw = request.match_info.get("version")
     if raw is None or raw == "":
         return None
-    if not (raw.isascii() and raw.isdigit()):     # "²".isdigit(), yet int("²") fails
-        raise InvalidInput(f"version {raw!r} must be a positive integer", param="version")
+    # "²".isdigit(), yet int("²") fails; int() refuses over 4300 digits; int64 has 18
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise InvalidInput(f"version {raw[:32]!r} must be a positive integer of at most 18 "
+                           "digits", param="version")
     return int(raw)
 
 

@@ -230,6 +230,23 @@ def test_no_hostile_request_gets_a_5xx(ferry):
     assert "unhandled error" not in ferry.log()
 
 
+HUGE = "9" * 5000          # int() refuses strings of over 4300 digits
+
+
+@pytest.mark.parametrize("method,path", [
+    ("POST", f"/v2/models/digits/versions/{HUGE}/infer"),
+    ("GET", f"/v2/models/digits/versions/{HUGE}"),
+    ("GET", f"/v2/models/digits/versions/{HUGE}/ready"),
+    ("GET", f"/v1/batches?limit={HUGE}"),
+    ("GET", f"/v1/batches?limit=-{HUGE}"),
+])
+def test_numbers_too_long_for_int_in_urls_are_400(ferry, method, path):
+    status, _, answer = call(ferry, method, path, raw=b"{}" if method == "POST" else None,
+                             headers=JSON)
+    assert status == 400, (status, str(answer)[:300])
+    assert error_code(answer) == "invalid_input"
+
+
 # -- WebSocket ----------------------------------------------------------------------------------
 
 WS_HOSTILE = {
