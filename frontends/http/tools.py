@@ -9,9 +9,10 @@ system prompt listing the tools, earlier calls written as `<tool_call>{json}</to
 and tool results as user turns in `<tool_response>` tags, so any template renders them.
 
 The call format is the template's: Hermes `<tool_call>` tags, or Llama 3's bare JSON for
-templates speaking `ipython`. `tool_choice` "required" or a named function constrains the output with a Lark grammar (engines/llm/grammar.py) whose JSON is an anyOf over
-the tools' `{"name": const, "arguments": parameters}`, so the call always parses and its
-arguments validate; "auto" generates freely and parses calls the model chose to write; "none"
+templates speaking `ipython`. `tool_choice` "required" or a named function constrains the
+output with a Lark grammar (engines/llm/grammar.py) whose JSON is an anyOf over the tools'
+`{"name": const, "arguments": parameters}`, so the call always parses and its arguments
+validate; "auto" generates freely and parses calls the model chose to write; "none"
 neither renders nor parses tools.
 """
 from __future__ import annotations

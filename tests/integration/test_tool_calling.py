@@ -2,10 +2,13 @@
 real daemon serving SmolLM2 (whose template knows no tools: Ferry's Hermes-style fallback):
 tool_choice "required" and a named function always give calls that parse and whose arguments
 validate, streamed calls assemble to the same, a second turn with the tool's result is
-answered, "auto" and "none", and bad forms are 400s naming the field."""
+answered, "auto" and "none", and bad forms are 400s naming the field. The same weights behind
+a Llama-3-style template (model.toml [llm] chat_template, which renders `tools` itself) answer
+calls in Llama 3's JSON format."""
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import jsonschema
 import openai
@@ -13,6 +16,7 @@ import pytest
 
 from tests.integration.conftest import tensor_repo
 from tests.integration.daemon_proc import Daemon, orphan_segments
+from tests.unit.test_tools import LLAMA3_TEMPLATE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,8 +36,15 @@ ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
 
 @pytest.fixture(scope="module")
 def ferry(demo_models, tmp_path_factory):
-    d = Daemon(tensor_repo(demo_models, tmp_path_factory, names=("smollm2",)), workers=1,
-               env={"FERRY_TORCH_THREADS": "1"}).start()
+    repo = tensor_repo(demo_models, tmp_path_factory, names=("smollm2",))
+    llama = repo / "llama3ish" / "1"            # SmolLM2's weights, a Llama-3-style template
+    llama.mkdir(parents=True)
+    gguf = next((demo_models / "smollm2").rglob("*.gguf"))
+    (llama / gguf.name).symlink_to(gguf.resolve())
+    (llama / "model.toml").write_text(
+        f'engine = "llm"\nweights = "{gguf.name}"\n\n[llm]\nkv_cache_mb = 32\n'
+        f'max_num_seqs = 4\nchat_template = {json.dumps(LLAMA3_TEMPLATE)}\n')
+    d = Daemon(repo, workers=1, env={"FERRY_TORCH_THREADS": "1"}).start()
     yield d
     assert d.stop() == 0, d.log()[-4000:]
     assert not orphan_segments(), "shared-memory segments leaked"
@@ -153,6 +164,24 @@ def test_auto_answers_text_or_calls_that_validate(client):
         check_calls(choice.message.tool_calls)
     else:
         assert choice.message.content and "<tool_call>" not in choice.message.content
+
+
+def test_a_template_that_renders_tools_gets_calls_in_its_format(ferry, client):
+    req = urllib.request.Request(ferry.url + "/tokenize", method="POST",
+                                 data=json.dumps({"model": "llama3ish", "messages": ASK,
+                                                  "return_token_strs": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        plain = json.loads(resp.read())
+    assert "start_header" in "".join(plain["token_strs"])     # the model.toml template
+    r = client.chat.completions.create(model="llama3ish", messages=ASK, tools=TOOLS,
+                                       tool_choice="required", max_tokens=60, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    check_calls(choice.message.tool_calls)
+    assert len(choice.message.tool_calls) == 1           # Llama 3 JSON: one call
+    # the template rendered the tools (Environment: ipython, the definitions as JSON)
+    assert r.usage.prompt_tokens > plain["count"] + 60
 
 
 BAD = [

@@ -1,6 +1,7 @@
-"""Tool calling's pure parts (frontends/http/tools.py, tool_calls.py): the request fields, rendering with a
-template that ignores tools (SmolLM2's) and with a Llama-3-style one that renders them, the
-grammar of a required call, and parsing calls out of text whole and piece by piece."""
+"""Tool calling's pure parts (frontends/http/tools.py, tool_calls.py): the request fields,
+rendering with a template that ignores tools (SmolLM2's) and with a Llama-3-style one that
+renders them, the grammar of a required call (matched over SmolLM2's vocabulary), and parsing
+calls out of text whole and piece by piece."""
 from __future__ import annotations
 
 import json
