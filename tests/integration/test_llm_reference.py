@@ -151,8 +151,25 @@ def test_chat_answer_names_paris(model, tok):
     assert "Paris" in answer, answer
 
 
+@pytest.fixture(scope="module")
+def continuations(tok, reference) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(prompt, prompt + transformers' greedy continuation, its top-1 token per position) for
+    each of PROMPTS: computed once for every weight format checked against it."""
+    out = []
+    for messages in PROMPTS:
+        prompt = tok.encode(tok.apply_chat_template(messages))
+        with torch.no_grad():
+            # generate() with its KV cache: NEW_TOKENS cheap steps, not NEW_TOKENS full passes.
+            # The positions compared are then all read from one teacher-forced pass.
+            ids = reference.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS,
+                                     min_new_tokens=NEW_TOKENS, do_sample=False)
+            expected = reference(input_ids=ids).logits[0, len(prompt) - 1:-1].argmax(-1)
+        out.append((prompt, ids, expected))
+    return out
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_quantized_weights_track_transformers(tok, reference, fmt):
+def test_quantized_weights_track_transformers(tok, continuations, fmt):
     """int8 and int4 weights (the CPU default for this 4-bit file), bfloat16 products:
     teacher-forced on transformers' own greedy continuation, our top-1 token agrees at >= 90%
     of positions (measured: int8 92 of 96, int4 96 of 96 on these prompts). To "What is the
@@ -161,14 +178,7 @@ def test_quantized_weights_track_transformers(tok, reference, fmt):
     quantized = load_model(GGUF, weights=fmt)
     assert quantized.weight_format == fmt
     agree = total = 0
-    for messages in PROMPTS:
-        prompt = tok.encode(tok.apply_chat_template(messages))
-        with torch.no_grad():
-            ids = torch.tensor([prompt])
-            for _ in range(NEW_TOKENS):        # transformers' greedy continuation
-                nxt = reference(input_ids=ids).logits[0, -1].argmax()
-                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-            expected = reference(input_ids=ids).logits[0, len(prompt) - 1:-1].argmax(-1)
+    for prompt, ids, expected in continuations:        # teacher-forced on transformers'
         runner = Runner(quantized, list(range(64)))
         logits = [runner.feed(prompt)] + [runner.feed([t]) for t in ids[0, len(prompt):-1].tolist()]
         ours = torch.stack(logits).argmax(-1)
