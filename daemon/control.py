@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon import protocol as P
@@ -73,10 +74,24 @@ def _check_control_mode(sup: Supervisor) -> None:
                            "(or \"poll\")", code="model_control_disabled")
 
 
+def _repository(sup: Supervisor, args: dict[str, Any]) -> Path:
+    """The repository a load reads: the configured one, or a frontend's upload of the model's
+    files (Triton's file: parameters), which must lie under the state directory's uploads."""
+    raw = args.get("repository")
+    if raw is None:
+        return Path(sup.cfg.model_repository)
+    uploads = (sup.cfg.state_dir / "model-uploads").resolve()
+    path = Path(str(raw)).resolve()
+    if not path.is_relative_to(uploads):
+        raise InvalidInput("a load's repository must be an upload under the state directory",
+                           code="bad_message")
+    return path
+
+
 async def _load(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
     _check_control_mode(sup)
     name = _by_sha(sup, _model_arg(args))
-    versions = scan(sup.cfg.model_repository).get(name)
+    versions = scan(_repository(sup, args)).get(name)
     if not versions:
         # "failed to load": Triton's wording, which its clients match
         raise ModelNotFound(f"failed to load {name!r}: it is not in the repository",

@@ -10,6 +10,8 @@ repository's own version again.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 import shutil
@@ -19,12 +21,15 @@ from typing import Any
 
 from daemon.errors import InvalidInput
 
-__all__ = ["parse_config", "materialize"]
+__all__ = ["parse_config", "materialize", "parse_files", "write_upload"]
 
 # Triton config keys whose meaning Ferry's model.toml has, and keys a client may repeat as long
 # as they agree with the model (Triton's own examples send the name and the backend).
 _MAPPED = ("max_batch_size",)
 _MUST_AGREE = ("name",)
+# With uploaded files the config also names the runtime: Ferry builds ONNX models from uploads.
+_UPLOAD_RUNTIMES = {"backend": ("onnxruntime", "onnx"), "platform": ("onnxruntime_onnx",)}
+_FILE_PATH = re.compile(r"[1-9]\d{0,8}(/[A-Za-z0-9_.-]{1,128}){1,8}")
 _TOP_KEY = re.compile(r"^\s*(\w+)\s*=")
 
 
@@ -43,8 +48,9 @@ def _int(model: str, key: str, value: Any) -> int:
     return value
 
 
-def parse_config(model: str, raw: Any) -> dict[str, Any]:
-    """model.toml keys from Triton's JSON config override `raw` (a string, as Triton takes it)."""
+def parse_config(model: str, raw: Any, upload: bool = False) -> dict[str, Any]:
+    """model.toml keys from Triton's JSON config override `raw` (a string, as Triton takes it).
+    With `upload` (the model's files came with the request) the config may name its runtime."""
     if not isinstance(raw, str):
         raise _bad(model, "parameters.config must be a string holding a JSON model config")
     try:
@@ -53,10 +59,15 @@ def parse_config(model: str, raw: Any) -> dict[str, Any]:
         raise _bad(model, f"parameters.config is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise _bad(model, "parameters.config must be a JSON object")
-    unknown = sorted(set(config) - set(_MAPPED) - set(_MUST_AGREE))
+    allowed = {*_MAPPED, *_MUST_AGREE, *(_UPLOAD_RUNTIMES if upload else ())}
+    unknown = sorted(set(config) - allowed)
     if unknown:
         raise _bad(model, f"config keys {unknown} have no Ferry equivalent; an override may set "
                    f"{list(_MAPPED)} (and repeat {list(_MUST_AGREE)})")
+    for key, names in _UPLOAD_RUNTIMES.items():
+        if key in config and config[key] not in names:
+            raise _bad(model, f"config {key} {config[key]!r}: models loaded from uploaded files "
+                       f"must be ONNX ({key} {names[0]!r})")
     if "name" in config and config["name"] != model:
         raise _bad(model, f"config name {config['name']!r} is not the model's name")
     out: dict[str, Any] = {}
@@ -88,3 +99,43 @@ def materialize(source: Path, target: Path, overrides: dict[str, Any]) -> Path:
                            code="invalid_model_config")
     (target / "model.toml").write_text(text)
     return target
+
+
+def parse_files(model: str, params: dict[str, Any]) -> dict[str, bytes]:
+    """`file:<version>/<path>` parameters (base64 contents, as tritonclient sends them) as
+    {"<version>/<path>": bytes}. Paths stay inside their version directory."""
+    files: dict[str, bytes] = {}
+    for key, value in params.items():
+        if not key.startswith("file:"):
+            continue
+        rel = key[len("file:"):]
+        if not _FILE_PATH.fullmatch(rel) or any(part in (".", "..") for part in rel.split("/")):
+            raise _bad(model, f"{key!r}: a model file is named file:<version>/<path>, with "
+                       "plain path components (letters, digits, _ . -)")
+        if not isinstance(value, str):
+            raise _bad(model, f"{key!r}: the contents must be a base64 string")
+        try:
+            files[rel] = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad(model, f"{key!r}: the contents are not valid base64") from None
+    return files
+
+
+def write_upload(base: Path, model: str, overrides: dict[str, Any],
+                 files: dict[str, bytes]) -> Path:
+    """A one-model repository at `base/<model>` built from uploaded `files`, each version with a
+    model.toml for the ONNX engine (plus `overrides`); replaces an earlier upload of `model`.
+    Returns the repository root."""
+    root = base / model
+    if root.exists():
+        shutil.rmtree(root)
+    for rel, data in files.items():
+        path = root / model / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    for version_dir in (root / model).iterdir():
+        lines = ['engine = "onnx"',
+                 *(f"{key} = {json.dumps(value)}" for key, value in overrides.items())]
+        (version_dir / "model.toml").write_text(
+            "# built from files uploaded with a load request\n" + "\n".join(lines) + "\n")
+    return root

@@ -1,6 +1,7 @@
 """KServe v2 / Triton HTTP routes: health, metadata, infer, system shared memory, repository."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, TypeGuard
@@ -10,7 +11,7 @@ from aiohttp import web
 
 from daemon import protocol as P
 from daemon.errors import FerryError, InvalidInput, ModelNotFound, UnsupportedMediaType
-from daemon.model_override import parse_config
+from daemon.model_override import parse_config, parse_files, write_upload
 from frontends.dispatch import Dispatcher
 from frontends.http.appkeys import DISPATCHER, SETTINGS
 from frontends.http.errors import request_id_of
@@ -19,7 +20,7 @@ from frontends.http.kserve_classify import classify_output, labels_for
 from frontends.http.kserve_codec import NUMPY_TO_KSERVE, encode_outputs, parse_infer, parse_raw
 from frontends.http.kserve_settings import get_logging, get_trace, set_logging, set_trace
 from frontends.http.kserve_stats import statistics
-from frontends.http.security import principal_of
+from frontends.http.security import ACCESS, principal_of
 
 __all__ = ["routes", "SERVER_EXTENSIONS"]
 
@@ -312,15 +313,22 @@ async def repository_load(request: web.Request) -> web.Response:
     params = (await _optional_object(request)).get("parameters", {})
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object", param="parameters")
-    files = sorted(k for k in params if isinstance(k, str) and k.startswith("file:"))
-    if files:
-        # Triton builds a model from uploaded files plus a config.pbtxt; a Ferry model needs
-        # its model.toml, which a Triton config does not carry
-        raise InvalidInput(f"failed to load {model!r}: loading from uploaded files ({files[0]}, "
-                           "...) is not supported; put the model in the repository and load "
-                           "it by name", code="invalid_model_config", param=files[0])
     args: dict[str, Any] = {"model": model}
-    if "config" in params:
+    files = parse_files(model, params)
+    if files:
+        # Triton's upload: the files are the model, the config (required) describes it
+        if "config" not in params:
+            raise InvalidInput(f"failed to load {model!r}: model files need a config too",
+                               code="invalid_model_config", param="parameters.config")
+        overrides = parse_config(model, params["config"], upload=True)
+        access = request.app.get(ACCESS)       # holds the state directory's path
+        if access is None:
+            raise FerryError("the state directory is not open", code="security_unavailable",
+                             status=503)
+        base = access.settings.state_dir / "model-uploads"
+        args["repository"] = str(await asyncio.to_thread(write_upload, base, model,
+                                                         overrides, files))
+    elif "config" in params:
         args["overrides"] = parse_config(model, params["config"])
     await request.app[DISPATCHER].control("load", args)
     return web.json_response({})

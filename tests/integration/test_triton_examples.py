@@ -347,3 +347,50 @@ def test_load_and_unload_are_refused_in_control_mode_none(tmp_path_factory):
         assert code == 200 and [r["name"] for r in index] == ["custom_identity_int32"]
     finally:
         assert d.stop() == 0, d.log()[-4000:]
+
+
+def test_load_from_uploaded_files(ferry, tmp_path):
+    """tritonclient's load_model(files=...): the files are the model, the config describes it."""
+    import tritonclient.http as th
+    from onnx import TensorProto
+    from tests.integration.triton_models import MODELS
+    build, _ = MODELS["custom_identity_int32"]
+    build(TensorProto.INT32, tmp_path / "model.onnx")
+    c = th.InferenceServerClient(f"127.0.0.1:{ferry.port}")
+    try:
+        c.load_model("uploaded_identity",
+                     config=json.dumps({"backend": "onnxruntime", "max_batch_size": 4}),
+                     files={"file:1/model.onnx": (tmp_path / "model.onnx").read_bytes()})
+        assert c.is_model_ready("uploaded_identity")
+        assert c.get_model_config("uploaded_identity")["max_batch_size"] == 4
+        inp = th.InferInput("INPUT0", [2, 16], "INT32")
+        data = np.arange(32, dtype=np.int32).reshape(2, 16)
+        inp.set_data_from_numpy(data)
+        assert c.infer("uploaded_identity", [inp]).as_numpy("OUTPUT0").tolist() == data.tolist()
+        c.unload_model("uploaded_identity")
+        assert not c.is_model_ready("uploaded_identity")
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("params", [
+    {"config": "{}", "file:../model.onnx": "AAAA"},
+    {"config": "{}", "file:1/../../escape": "AAAA"},
+    {"config": "{}", "file:/etc/passwd": "AAAA"},
+    {"config": "{}", "file:model.onnx": "AAAA"},                 # outside a version directory
+    {"config": "{}", "file:1/model.onnx": "not base64!"},
+    {"config": "{}", "file:1/model.onnx": 7},
+    {"config": '{"backend": "tensorrt"}', "file:1/model.onnx": "AAAA"},
+    {"config": '{"platform": "pytorch_libtorch"}', "file:1/model.onnx": "AAAA"},
+])
+def test_bad_upload_is_a_400(ferry, params):
+    status, err = _post(ferry, "/v2/repository/models/uploaded_bad/load", {"parameters": params})
+    assert status == 400 and err["code"] == "invalid_model_config", err
+    assert "failed to load" in err["error"]
+
+
+def test_upload_that_is_not_a_model_fails_to_load_with_a_4xx(ferry):
+    params = {"config": "{}", "file:1/model.onnx": "AAAA"}          # three zero bytes
+    status, err = _post(ferry, "/v2/repository/models/uploaded_junk/load", {"parameters": params})
+    assert 400 <= status < 500 and "failed to load" in err["error"], err
+    assert http_get(ferry.url + "/v2/models/uploaded_junk/ready")[0] != 200
