@@ -43,3 +43,25 @@ def test_materialize_rewrites_only_the_overridden_top_level_key(tmp_path):
     assert "max_batch_size = 8" in (src / "model.toml").read_text()     # the repository untouched
     again = materialize(src, out, {"max_batch_size": 5})                  # replaces the copy
     assert tomllib.loads((again / "model.toml").read_text())["max_batch_size"] == 5
+
+
+def test_uploaded_files_become_a_one_model_repository(tmp_path):
+    from daemon.model_override import parse_files, write_upload
+    from daemon.repository import scan
+    files = parse_files("up", {"config": "{}", "file:1/model.onnx": "d2VpZ2h0cw==",
+                               "file:2/sub/extra.bin": ""})
+    assert files == {"1/model.onnx": b"weights", "2/sub/extra.bin": b""}
+    root = write_upload(tmp_path, "up", {"max_batch_size": 2}, files)
+    found = scan(root)
+    assert sorted(found["up"]) == [1, 2]
+    spec = tomllib.loads((found["up"][1] / "model.toml").read_text())
+    assert spec == {"engine": "onnx", "max_batch_size": 2}
+
+
+@pytest.mark.parametrize("key", ["file:../x", "file:1/../x", "file:1/./x", "file:/abs", "file:x",
+                                 "file:0/x", "file:1/", "file:1//x", "file:1/a b"])
+def test_upload_paths_stay_inside_a_version_directory(key):
+    from daemon.model_override import parse_files
+    with pytest.raises(InvalidInput) as err:
+        parse_files("up", {key: ""})
+    assert err.value.code == "invalid_model_config"
