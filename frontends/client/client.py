@@ -20,6 +20,7 @@ import zmq.asyncio
 from daemon import protocol as P
 from daemon.errors import FerryError, error_from_wire
 from daemon.shm import Arena
+from daemon.tensor_bytes import from_buffer, to_buffer, wire_dtype
 
 __all__ = ["ClientRegion", "FerryClient", "AsyncFerryClient"]
 
@@ -50,8 +51,8 @@ class ClientRegion:
 
     def read(self, ref: P.TensorRef) -> np.ndarray:
         assert ref.shm is not None
-        return np.frombuffer(self.arena.buf, dtype=ref.dtype, count=int(np.prod(ref.shape)),
-                             offset=ref.shm.offset).reshape(ref.shape).copy()
+        data = memoryview(self.arena.buf)[ref.shm.offset:ref.shm.offset + ref.shm.nbytes]
+        return from_buffer(ref.name, ref.dtype, ref.shape, data).copy()
 
     def free(self, loc: P.ShmLoc) -> None:
         self.arena.free(loc.offset)
@@ -68,13 +69,15 @@ def _infer_message(model: str, inputs: dict[str, np.ndarray], *, version: int | 
     frames: list[np.ndarray] = []
     held: list[P.ShmLoc] = []
     for name, arr in inputs.items():
-        arr = np.asarray(arr, dtype=np.asarray(arr).dtype.newbyteorder("="), order="C")
+        arr = np.asarray(arr)
+        dtype, shape = wire_dtype(arr), tuple(arr.shape)
+        arr = to_buffer(arr)        # BYTES (object arrays): Triton's serialized form
         if region is not None:
             loc = region.store(arr)
-            ref = P.TensorRef(name, arr.dtype.name, tuple(arr.shape), shm=loc)
+            ref = P.TensorRef(name, dtype, shape, shm=loc)
             held.append(loc)
         else:
-            ref = P.TensorRef(name, arr.dtype.name, tuple(arr.shape), frame=len(frames))
+            ref = P.TensorRef(name, dtype, shape, frame=len(frames))
             frames.append(arr)
         refs.append(ref)
     msg = P.Infer(uuid.uuid4().hex, model, version or 0, refs, outputs,
@@ -98,7 +101,7 @@ def _result_arrays(msg: P.Message, buffers: list[Any], region: ClientRegion | No
         else:
             buf = buffers[ref.frame_index()]
             data = buf.buffer if hasattr(buf, "buffer") else buf
-            out[ref.name] = np.frombuffer(data, dtype=ref.dtype).reshape(ref.shape)
+            out[ref.name] = from_buffer(ref.name, ref.dtype, ref.shape, data)
     return out
 
 

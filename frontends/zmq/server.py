@@ -29,7 +29,7 @@ from daemon import protocol as P
 from daemon.errors import FerryError, Forbidden, InternalError, InvalidInput
 from daemon.process import init_child, run_until_signalled
 from daemon.shm import Arena, RegionMap, segment_name
-from daemon.tensor_bytes import from_buffer
+from daemon.tensor_bytes import from_buffer, to_buffer, wire_dtype
 from frontends.access import Access, AccessSettings
 from frontends.dispatch import Dispatcher
 from frontends.zmq_reader import LoopSocket
@@ -163,9 +163,12 @@ class ZmqFrontend:
             refs: list[P.TensorRef] = []
             out_frames: list[np.ndarray] = []
             for name, arr in outcome.arrays.items():
-                ref = P.TensorRef(name, arr.dtype.name, tuple(arr.shape))
+                ref = P.TensorRef(name, wire_dtype(arr), tuple(arr.shape))
                 if msg.out_shm and name in msg.out_shm:
                     ref.shm = msg.out_shm[name]
+                elif arr.dtype == object:           # BYTES: serialized, a fresh buffer
+                    ref.frame = len(out_frames)
+                    out_frames.append(to_buffer(arr))
                 else:
                     ref.frame = len(out_frames)
                     out_frames.append(arr.copy() if outcome._release else arr)

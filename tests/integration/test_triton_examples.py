@@ -394,3 +394,20 @@ def test_upload_that_is_not_a_model_fails_to_load_with_a_4xx(ferry):
     status, err = _post(ferry, "/v2/repository/models/uploaded_junk/load", {"parameters": params})
     assert 400 <= status < 500 and "failed to load" in err["error"], err
     assert http_get(ferry.url + "/v2/models/uploaded_junk/ready")[0] != 200
+
+
+@pytest.mark.parametrize("use_shm", [False, True])
+def test_bytes_through_the_zmq_client(ferry, use_shm):
+    from frontends.client import FerryClient
+    c = FerryClient(ferry.zmq_endpoint, timeout_s=30)
+    try:
+        if use_shm:
+            c.register_region(f"zmq-bytes-{ferry.port}", 1 << 16)
+        a = np.array([[str(i).encode() for i in range(16)]], dtype=object)
+        b = np.array([[b"2"] * 16], dtype=object)
+        out = c.infer("simple_string", {"INPUT0": a, "INPUT1": b}, use_shm=use_shm)
+    finally:
+        c.close()
+    assert out["OUTPUT0"].dtype == object and out["OUTPUT0"].shape == (1, 16)
+    assert out["OUTPUT0"].tolist() == [[str(i + 2).encode() for i in range(16)]]
+    assert out["OUTPUT1"].tolist() == [[str(i - 2).encode() for i in range(16)]]
