@@ -411,3 +411,20 @@ def test_bytes_through_the_zmq_client(ferry, use_shm):
     assert out["OUTPUT0"].dtype == object and out["OUTPUT0"].shape == (1, 16)
     assert out["OUTPUT0"].tolist() == [[str(i + 2).encode() for i in range(16)]]
     assert out["OUTPUT1"].tolist() == [[str(i - 2).encode() for i in range(16)]]
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"{", "invalid_json"),
+    (b"[]", "invalid_json"),
+    (b'{"parameters": []}', "invalid_input"),
+])
+def test_bad_load_body_is_a_400(ferry, body, code):
+    status, err = _post(ferry, "/v2/repository/models/simple_fp32/load", body)
+    assert status == 400 and err["code"] == code, err
+
+
+def test_bytes_for_a_numeric_model_is_invalid_dtype(ferry):
+    body = {"inputs": [_strings("INPUT0", ["1"] * 16, [1, 16]),
+                       _strings("INPUT1", ["1"] * 16, [1, 16])]}
+    status, err = _post(ferry, "/v2/models/simple/infer", body)
+    assert status == 400 and err["code"] == "invalid_dtype", err

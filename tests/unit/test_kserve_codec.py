@@ -477,3 +477,20 @@ def test_classification_strings_in_both_forms():
             assert chunks[0][4:16] == b"0.700000:1:b"
         else:
             assert entries[0]["data"][0] == "0.700000:1:b"
+
+
+def test_bytes_outputs_in_json_binary_and_refused_when_not_utf8():
+    from frontends.http.kserve_codec import encode_outputs
+    from daemon.errors import InvalidInput as _Invalid
+    parsed = _parse({"inputs": [_inp(data=[1] * 4)], "outputs": [
+        {"name": "text"}, {"name": "raw", "parameters": {"binary_data": True}}]})
+    arrays = {"text": np.array([b"a", "é".encode()], dtype=object),
+              "raw": np.array([b"\xff", b""], dtype=object)}
+    entries, chunks = encode_outputs(arrays, parsed, {})
+    assert entries[0] == {"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a", "é"]}
+    assert entries[1]["parameters"] == {"binary_data_size": 9}
+    assert chunks == [b"\x01\x00\x00\x00\xff\x00\x00\x00\x00"]
+    bad = _parse({"inputs": [_inp(data=[1] * 4)], "outputs": [{"name": "raw"}]})
+    with pytest.raises(_Invalid) as err:
+        encode_outputs({"raw": arrays["raw"]}, bad, {})
+    assert err.value.code == "output_not_utf8"
