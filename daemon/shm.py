@@ -237,7 +237,7 @@ class RegionMap:
         shared-memory API: Ferry's own arenas are never addressable by a client."""
         region = self._regions.get(name)
         if region is None or name.startswith(self._own_prefix):
-            raise InvalidInput(f"shared-memory region {name!r} is not registered",
+            raise InvalidInput(f"Unable to find system shared memory region: {name!r}",
                                code="shm_unknown_region")
 
     def forget_own(self, keep: set[str]) -> None:
@@ -264,7 +264,7 @@ class RegionMap:
         if region is None:
             # the name becomes a path under /dev/shm: '/' or NUL in it must never reach open()
             if not name.startswith(self._own_prefix) or not _KEY_RE.fullmatch(name):
-                raise InvalidInput(f"shared-memory region {name!r} is not registered",
+                raise InvalidInput(f"Unable to find system shared memory region: {name!r}",
                                    code="shm_unknown_region")
             region = self._map(name, name, 0, None)
             self._regions[name] = region

@@ -46,6 +46,7 @@ class TensorEngine(Engine):
     def __init__(self) -> None:
         self._inputs: dict[str, TensorSpec] = {}
         self._outputs: dict[str, TensorSpec] = {}
+        self._model = ""                        # the model's name, for error messages
         self._dim_names: DimNames = {}          # input -> symbolic dim names
         self._max_batch = 0
         self._batcher = DynamicBatcher(BatchConfig())
@@ -92,6 +93,7 @@ class TensorEngine(Engine):
         Raises `model_load_failed` / `invalid_model_config` errors; changes nothing the engine
         serves with until the subclass marks itself loaded.
         """
+        self._model = spec.name
         self._dim_names = dim_names
         self._inputs = merge_declared(inputs, spec.inputs, "input")
         self._outputs = merge_declared(outputs, spec.outputs, "output")
@@ -223,11 +225,14 @@ class TensorEngine(Engine):
                 raise InvalidInput(f"missing input {name!r}", code="missing_input", param=name)
             if not isinstance(arr, np.ndarray) or wire_dtype(arr) != spec.dtype:
                 got = wire_dtype(arr) if isinstance(arr, np.ndarray) else type(arr).__name__
-                raise InvalidInput(f"input {name!r} must be {spec.dtype}, got {got}",
+                # Triton's wording, which its clients match
+                raise InvalidInput(f"inference input {name!r} data-type is {got!r}, but model "
+                                   f"{self._model!r} expects {spec.dtype!r}",
                                    code="invalid_dtype", param=name)
             if arr.ndim != len(spec.shape) or 0 in arr.shape or any(
                     want not in (-1, got) for want, got in zip(spec.shape, arr.shape)):
-                raise InvalidInput(f"input {name!r} must have shape {list(spec.shape)} (-1: any "
+                raise InvalidInput(f"unexpected shape for input {name!r} for model "
+                                   f"{self._model!r}. Expected {list(spec.shape)} (-1: any "
                                    f"size > 0), got {list(arr.shape)}", code="invalid_shape",
                                    param=name)
             if spec.max_shape is not None and any(

@@ -212,7 +212,7 @@ async def shm_status(request: web.Request) -> web.Response:
     out = [{"name": r["name"], "key": r["key"], "offset": r["offset"], "byte_size": r["nbytes"]}
            for r in regions if wanted is None or r["name"] == wanted]
     if wanted is not None and not out:
-        raise InvalidInput(f"shared-memory region {wanted!r} is not registered",
+        raise InvalidInput(f"Unable to find system shared memory region: {wanted!r}",
                            code="shm_unknown_region")
     return web.json_response(out)
 

@@ -428,3 +428,21 @@ def test_bytes_for_a_numeric_model_is_invalid_dtype(ferry):
                        _strings("INPUT1", ["1"] * 16, [1, 16])]}
     status, err = _post(ferry, "/v2/models/simple/infer", body)
     assert status == 400 and err["code"] == "invalid_dtype", err
+
+
+@pytest.mark.parametrize("inputs, code, text", [
+    ([{"name": "INPUT0", "datatype": "INT32", "shape": [1, 15], "data": [1] * 15},
+      {"name": "INPUT1", "datatype": "INT32", "shape": [1, 15], "data": [1] * 15}],
+     "invalid_shape", "unexpected shape for input 'INPUT0' for model 'simple'"),
+    ([{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": [1] * 16},
+      {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "data": [1] * 16}],
+     "invalid_dtype", "inference input 'INPUT0' data-type is 'float32', but model 'simple' "
+                      "expects 'int32'"),
+    ([{"name": "INPUT0", "datatype": "INT32", "shape": [1, 16],
+       "parameters": {"shared_memory_region": "nowhere", "shared_memory_byte_size": 64}},
+      {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "data": [1] * 16}],
+     "shm_unknown_region", "Unable to find system shared memory region: 'nowhere'"),
+])
+def test_common_errors_are_worded_as_triton_words_them(ferry, inputs, code, text):
+    status, err = _post(ferry, "/v2/models/simple/infer", {"inputs": inputs})
+    assert status == 400 and err["code"] == code and text in err["error"], err
