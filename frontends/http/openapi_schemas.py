@@ -174,6 +174,22 @@ _COMPLETION_HEAD: Schema = {"id": _STR, "object": _STR, "created": _INT, "model"
                             "system_fingerprint": _STR, "usage": _USAGE}
 
 
+# Structured outputs (frontends/http/structured.py). Any JSON schema is accepted; the document
+# shows a flat object schema. vLLM's structured_outputs and guided_* fields are described in
+# README (their regexes and grammars have no JSON-schema form to generate from).
+_FLAT_SCHEMA = _obj({"type": {"type": "string", "enum": ["object"]},
+                     "properties": {"type": "object", "additionalProperties": _obj(
+                         {"type": {"type": "string",
+                                   "enum": ["string", "integer", "number", "boolean"]}},
+                         ("type",), closed=True)}}, ("type",), closed=True)
+_RESPONSE_FORMAT: Schema = {"anyOf": [
+    _obj({"type": {"type": "string", "enum": ["text", "json_object"]}}, ("type",)),
+    _obj({"type": {"type": "string", "enum": ["json_schema"]},
+          "json_schema": _obj({"name": _STR, "strict": _BOOL, "schema": _FLAT_SCHEMA},
+                              ("schema",))}, ("type", "json_schema"))],
+    "description": "constrain the output to JSON (a JSON schema when json_schema)"}
+
+
 def _texts(item: Schema, hi: int) -> Schema:
     """A string, strings, token ids, or lists of token ids (the `prompt`/`input` forms)."""
     return {"anyOf": [item, _list(item, lo=1, hi=hi), _list(_TOKEN, lo=1),
@@ -187,7 +203,7 @@ _OPENAI: dict[str, Schema] = {
         "max_completion_tokens": _nullable({"type": "integer", "minimum": 1, "maximum": _I31}),
         "logprobs": _BOOL,
         "top_logprobs": {**_range("integer", 0, 0), "description": "> 0 is not supported"},
-        "response_format": _obj({"type": {"type": "string", "enum": ["text"]}}, ("type",))},
+        "response_format": _RESPONSE_FORMAT},
         ("model", "messages"), dependent=_STREAM_OPTIONS_NEED_STREAM),
     "CompletionRequest": _obj({
         **_GENERATION,
@@ -195,7 +211,8 @@ _OPENAI: dict[str, Schema] = {
         "echo": _BOOL,
         "logprobs": {**_nullable(_range("integer", 0, 0)),
                      "description": "0: the sampled tokens' logprobs; > 0 is not supported"},
-        "suffix": {"type": "string", "maxLength": 0, "description": "not supported"}},
+        "suffix": {"type": "string", "maxLength": 0, "description": "not supported"},
+        "response_format": _RESPONSE_FORMAT},
         ("model", "prompt"), dependent=_STREAM_OPTIONS_NEED_STREAM),
     "EmbeddingRequest": _obj({
         "model": _GENERATION["model"], "input": _texts(_STR, MAX_EMBED_INPUTS),
