@@ -98,12 +98,12 @@ async def _load(sup: Supervisor, args: dict[str, Any]) -> dict[str, Any]:
                             param="model")
     wanted = select_versions(versions, sup.cfg.repository.version_policy)
     overrides = args.get("overrides")
-    if overrides:       # Triton's parameters.config: engines load a private, rewritten copy
-        if not isinstance(overrides, dict):
-            raise InvalidInput("overrides must be a map", code="bad_message")
-        base = sup.cfg.state_dir / "model-overrides" / name
-        wanted = {v: materialize(p, base / str(v), overrides) for v, p in wanted.items()}
+    if overrides is not None and not isinstance(overrides, dict):
+        raise InvalidInput("overrides must be a map", code="bad_message")
     async with sup._lock:
+        if overrides:   # Triton's parameters.config: engines load a private, rewritten copy
+            base = sup.cfg.state_dir / "model-overrides" / name
+            wanted = {v: materialize(p, base / str(v), overrides) for v, p in wanted.items()}
         loaded = []
         for v, path in sorted(wanted.items()):
             key = (name, v)
