@@ -22,6 +22,8 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from engines.llm.kv_events import KVEventLog
+
 __all__ = ["BlockPool", "BlockPoolExhausted", "PoolStats", "hash_blocks", "root_hash"]
 
 _DIGEST = 16
@@ -84,6 +86,8 @@ class BlockPool:
         self._lru: OrderedDict[int, None] = OrderedDict()         # free but cached, oldest first
         self._query_tokens = 0
         self._hit_tokens = 0
+        # Set to record what enters and leaves the prefix cache (KV-cache events); None: off.
+        self.events: KVEventLog | None = None
 
     # -- capacity ----------------------------------------------------------------------------
 
@@ -155,13 +159,17 @@ class BlockPool:
                 del self._lru[bid]
             self._ref[bid] += 1
 
-    def cache_block(self, block_id: int, block_hash: bytes) -> None:
+    def cache_block(self, block_id: int, block_hash: bytes, parent: bytes | None = None,
+                    token_ids: Sequence[int] = ()) -> None:
         """Publish a block that has just become full. First writer wins on duplicates: the
-        later block stays private and returns to the fresh list when freed."""
+        later block stays private and returns to the fresh list when freed. `parent` (None for
+        a chain's first block) and `token_ids` only feed the event log."""
         if self._hash[block_id] is not None or block_hash in self._by_hash:
             return
         self._hash[block_id] = block_hash
         self._by_hash[block_hash] = block_id
+        if self.events is not None:
+            self.events.stored(block_hash, parent, token_ids)
 
     def record_query(self, query_tokens: int, hit_tokens: int) -> None:
         self._query_tokens += query_tokens
@@ -186,3 +194,5 @@ class BlockPool:
             self._hash[bid] = None
             if self._by_hash.get(h) == bid:
                 del self._by_hash[h]
+                if self.events is not None:
+                    self.events.removed(h)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from engines.base import (Engine, GenerateRequest, ModelInfo, ModelSpec, TensorS
 from engines.llm.block_pool import BlockPool
 from engines.llm.config import LlamaConfig, ModelLoadFailed
 from engines.llm.kv_cache import PagedKVCache
+from engines.llm.kv_events import AllBlocksCleared, KVEventLog
+from engines.llm.kv_publisher import KVEventPublisher
 from engines.llm.latency import RequestLatency
 from engines.llm.model import ForwardBatch, LlamaModel, load_model
 from engines.llm.quant import WEIGHT_FORMATS
@@ -52,6 +55,9 @@ class LLMOptions:
     num_threads: int = 0                 # 0: leave torch's default
     dtype: str | None = None             # None: the loader's default for the device
     weight_format: str = "auto"          # auto | float | int8 | int4 (engines.llm.quant)
+    # KV-cache events (engines.llm.kv_events): "" = off, else the PUB endpoint this model binds
+    kv_events_endpoint: str = ""
+    kv_events_topic: str = "kv@{host}@{model}"   # llm-d's topic form; {host}, {model} filled in
 
     @classmethod
     def from_section(cls, section: dict[str, Any]) -> LLMOptions:
@@ -70,6 +76,12 @@ class LLMOptions:
                               "sequence can decode in each step")
         if opts.dtype is not None and opts.dtype not in _DTYPES:
             raise _bad_option("dtype", f"must be one of {sorted(_DTYPES)}, got {opts.dtype!r}")
+        ep = opts.kv_events_endpoint
+        if not isinstance(ep, str) or ep and not ep.startswith(("tcp://", "ipc://")):
+            raise _bad_option("kv_events_endpoint", f"must be \"\" (off) or a tcp:// or ipc:// "
+                              f"endpoint, got {ep!r}")
+        if not isinstance(opts.kv_events_topic, str):
+            raise _bad_option("kv_events_topic", f"must be a string, got {opts.kv_events_topic!r}")
         if opts.weight_format not in WEIGHT_FORMATS:
             raise _bad_option("weight_format", f"must be one of {list(WEIGHT_FORMATS)}, "
                               f"got {opts.weight_format!r}")
@@ -107,6 +119,7 @@ class LLMEngine(Engine):
         self.sampler: Sampler | None = None
         self.grammars: GrammarCompiler | None = None   # structured outputs, set by load()
         self._mask_pool: ThreadPoolExecutor | None = None
+        self.kv_events: KVEventPublisher | None = None
         self.max_context = 0
         self._seqs: dict[str, Sequence] = {}
         # prompt_tokens: whole prompts (cached part included) of requests that produced their
@@ -132,7 +145,7 @@ class LLMEngine(Engine):
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelLoadFailed(f"cannot load {path}: {exc}") from exc
         key = spec.sha256 or f"{spec.name}:{spec.version}:{path}"
-        self.start(model, opts, model_key=key)
+        self.start(model, opts, model_key=key, name=spec.name)
         cfg = model.cfg
         self.grammars = GrammarCompiler.for_weights(Path(path), cfg.vocab_size, cfg.eos_ids)
         log.info("llm %s v%d: %d KV blocks of %d tokens (%.0f MB), context %d, %d threads",
@@ -150,7 +163,8 @@ class LLMEngine(Engine):
                    "memory_bytes": model.weight_bytes() + self.pool.num_blocks
                    * PagedKVCache.bytes_per_block(cfg, opts.block_size, model.dtype)})
 
-    def start(self, model: LlamaModel, opts: LLMOptions, model_key: str = "") -> None:
+    def start(self, model: LlamaModel, opts: LLMOptions, model_key: str = "",
+              name: str = "") -> None:
         """Serve an already built model (load() and tests both come through here)."""
         cfg = self.cfg = model.cfg
         self.model = model
@@ -173,6 +187,10 @@ class LLMEngine(Engine):
                         "[llm] kv_cache_mb for longer requests", num_blocks * opts.block_size,
                         self.max_context, cfg.max_context)
         self._warm_up()
+        if opts.kv_events_endpoint:
+            self.pool.events = KVEventLog(opts.block_size)
+            topic = opts.kv_events_topic.format(host=socket.gethostname(), model=name)
+            self.kv_events = KVEventPublisher(opts.kv_events_endpoint, topic)
 
     def _warm_up(self) -> None:
         """A tiny prefill and decode so the first request does not pay for lazy initialisation
@@ -192,6 +210,10 @@ class LLMEngine(Engine):
         for seq in list(self._seqs.values()):
             self.scheduler.abort(seq)
         self._seqs.clear()
+        if self.kv_events is not None:
+            self.kv_events.publish(time.time(), [*self.pool.events.drain(), AllBlocksCleared()])
+            self.kv_events.close()
+            self.kv_events = None
         self.model = None
         self.kv = None
         if self.device.type == "cuda":
@@ -261,6 +283,19 @@ class LLMEngine(Engine):
     # -- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[TokenOutput]:
+        try:
+            return self._step()
+        finally:
+            if self.kv_events is not None:
+                self._publish_kv_events()
+
+    def _publish_kv_events(self) -> None:
+        """What this step put into and took out of the prefix cache, as one batch."""
+        events = self.pool.events.drain()
+        if events:
+            self.kv_events.publish(time.time(), events)
+
+    def _step(self) -> list[TokenOutput]:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []

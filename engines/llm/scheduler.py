@@ -233,8 +233,15 @@ class Scheduler:
         if full <= seq.num_published:
             return
         self._extend_hashes(seq)
-        for b in range(seq.num_published, full):
-            self.pool.cache_block(seq.block_table[b], seq.block_hashes[b])
+        if self.pool.events is None:
+            for b in range(seq.num_published, full):
+                self.pool.cache_block(seq.block_table[b], seq.block_hashes[b])
+        else:                                   # KV-cache events want the chain and tokens
+            bs = self.block_size
+            for b in range(seq.num_published, full):
+                self.pool.cache_block(seq.block_table[b], seq.block_hashes[b],
+                                      seq.block_hashes[b - 1] if b else None,
+                                      seq.token_ids[b * bs:(b + 1) * bs])
         seq.num_published = full
 
     def _preempt(self, seq: Sequence) -> None:
