@@ -19,7 +19,7 @@ from tests.integration.conftest import tensor_repo
 from tests.integration.daemon_proc import Daemon, request_json, wait_until
 
 X = np.random.default_rng(1).random((64, 64), dtype=np.float32)
-KILLS = 5
+KILLS = int(os.environ.get("FERRY_TEST_KILLS", "5"))   # the 10: FERRY_TEST_KILLS=10
 
 
 @pytest.fixture()
@@ -62,9 +62,10 @@ def _within(now: tuple[int, int], baseline: tuple[int, int]) -> bool:
 
 
 def _one_child(d: Daemon, role: str, not_pid: int | None = None) -> int:
-    wait_until(lambda: len(d.child_pids(role)) == 1 and d.child_pids(role)[0] != not_pid,
-               60, f"a {role} child")
-    return d.child_pids(role)[0]
+    def one() -> int | None:
+        pids = d.child_pids(role)            # read once: a child may come or go between reads
+        return pids[0] if len(pids) == 1 and pids[0] != not_pid else None
+    return wait_until(one, 60, f"a {role} child")
 
 
 def _ready(d: Daemon) -> None:

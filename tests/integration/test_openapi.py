@@ -167,6 +167,19 @@ def test_requests_the_server_refuses_do_not_validate(name, body):
 schema = schemathesis.openapi.from_dict(document())
 PARSERS = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion,
            "/v1/embeddings": parse_embeddings}
+REQUESTS = {"/v1/chat/completions": "ChatCompletionRequest",
+            "/v1/completions": "CompletionRequest", "/v1/embeddings": "EmbeddingRequest"}
+
+
+def _declared_only(path: str, body: Any) -> Any:
+    """The body's documented fields only. The documents are open (clients may send extra keys,
+    which the parsers ignore), and Hypothesis fills extra keys with string constants it finds
+    in Ferry's own source, i.e. the names of fields that are read but have no generable JSON
+    form (tool_choice, guided_regex): their bad values are tested by their own modules."""
+    if not isinstance(body, dict):
+        return body
+    props = document()["components"]["schemas"][REQUESTS[path]]["properties"]
+    return {k: v for k, v in body.items() if k in props}
 
 
 def _integral(value: Any) -> Any:
@@ -191,7 +204,7 @@ def test_bodies_generated_from_the_document_parse(path):
     @settings(max_examples=150, **FUZZ)
     @given(_positive(path))
     def accepted(case):
-        PARSERS[path](_integral(case.body))       # raises InvalidInput on a refusal
+        PARSERS[path](_integral(_declared_only(path, case.body)))   # InvalidInput: refused
 
     accepted()
 
