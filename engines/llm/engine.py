@@ -120,6 +120,7 @@ class LLMEngine(Engine):
         self.grammars: GrammarCompiler | None = None   # structured outputs, set by load()
         self._mask_pool: ThreadPoolExecutor | None = None
         self.kv_events: KVEventPublisher | None = None
+        self._kv_log: KVEventLog | None = None        # the pool's event log while publishing
         self.max_context = 0
         self._seqs: dict[str, Sequence] = {}
         # prompt_tokens: whole prompts (cached part included) of requests that produced their
@@ -188,7 +189,7 @@ class LLMEngine(Engine):
                         self.max_context, cfg.max_context)
         self._warm_up()
         if opts.kv_events_endpoint:
-            self.pool.events = KVEventLog(opts.block_size)
+            self.pool.events = self._kv_log = KVEventLog(opts.block_size)
             topic = opts.kv_events_topic.format(host=socket.gethostname(), model=name)
             self.kv_events = KVEventPublisher(opts.kv_events_endpoint, topic)
 
@@ -210,10 +211,10 @@ class LLMEngine(Engine):
         for seq in list(self._seqs.values()):
             self.scheduler.abort(seq)
         self._seqs.clear()
-        if self.kv_events is not None:
-            self.kv_events.publish(time.time(), [*self.pool.events.drain(), AllBlocksCleared()])
+        if self.kv_events is not None and self._kv_log is not None:
+            self.kv_events.publish(time.time(), [*self._kv_log.drain(), AllBlocksCleared()])
             self.kv_events.close()
-            self.kv_events = None
+            self.kv_events = self._kv_log = None
         self.model = None
         self.kv = None
         if self.device.type == "cuda":
@@ -286,14 +287,10 @@ class LLMEngine(Engine):
         try:
             return self._step()
         finally:
-            if self.kv_events is not None:
-                self._publish_kv_events()
-
-    def _publish_kv_events(self) -> None:
-        """What this step put into and took out of the prefix cache, as one batch."""
-        events = self.pool.events.drain()
-        if events:
-            self.kv_events.publish(time.time(), events)
+            if self.kv_events is not None and self._kv_log is not None:
+                # what this step put into and took out of the prefix cache, as one batch
+                if events := self._kv_log.drain():
+                    self.kv_events.publish(time.time(), events)
 
     def _step(self) -> list[TokenOutput]:
         batch = self.scheduler.schedule()

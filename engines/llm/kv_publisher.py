@@ -58,7 +58,7 @@ class KVEventPublisher:
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        sock = zmq.Context.instance().socket(zmq.PUB)
+        sock: zmq.Socket = zmq.Context.instance().socket(zmq.PUB)
         sock.setsockopt(zmq.SNDHWM, _HWM)
         sock.setsockopt(zmq.LINGER, 0)
         try:
