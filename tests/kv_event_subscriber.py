@@ -7,7 +7,8 @@ define the batch as msgspec Structs with array_like=True and tagged events, sent
     KVEventBatch(ts: float, events: list[BlockStored | BlockRemoved | AllBlocksCleared],
                  data_parallel_rank: int | None = None)
     BlockStored(block_hashes: list[int], parent_block_hash: int | None, token_ids: list[int],
-                block_size: int, lora_id: int | None, medium: str | None, lora_name: ...)
+                block_size: int, lora_id: int | None, medium: str | None,
+                lora_name: str | None, extra_keys: list | None = None, ...)
     BlockRemoved(block_hashes: list[int], medium: str | None)
     AllBlocksCleared()
 

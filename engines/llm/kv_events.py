@@ -1,18 +1,21 @@
 """KV-cache events in vLLM's wire format, so prefix-aware routers (llm-d's KV indexer) can track
 which blocks each engine holds.
 
-The format is vLLM's (`vllm/distributed/kv_events.py`): msgspec Structs with `array_like=True`,
-events tagged (`tag=True`, the tag being the class name) and `omit_defaults=True`, so on the wire
-every struct is a msgpack array and an event's first element is its tag:
+The format is vLLM's (`vllm/distributed/kv_events.py`, and the decoder in its
+`examples/online_serving/kv_events_subscriber.py`): msgspec Structs with `array_like=True`, events
+tagged (`tag=True`: the tag is the class name), so every struct is a msgpack array, positional,
+and an event's first element is its tag. msgspec writes every field of an array_like struct,
+defaults included; the fields are those of the vLLM releases llm-d's indexer decodes
+(`BlockStored` up to `extra_keys`; later vLLM fields default when absent, and decoders of older
+releases ignore trailing ones):
 
     KVEventBatch     [ts: float, events: [event, ...], data_parallel_rank: int]
     BlockStored      ["BlockStored", block_hashes: [int], parent_block_hash: int | nil,
                       token_ids: [int], block_size: int, lora_id: nil, medium: "GPU",
-                      lora_name: nil]
+                      lora_name: nil, extra_keys: nil]
     BlockRemoved     ["BlockRemoved", block_hashes: [int], medium: "GPU"]
     AllBlocksCleared ["AllBlocksCleared"]
 
-Fields vLLM gives defaults (extra_keys, group_idx, ...) are left out, as omit_defaults does.
 A ZeroMQ message is three frames: topic, an 8-byte big-endian sequence number, the payload.
 
 Block hashes: Ferry names a block by a 16-byte BLAKE2b chain hash (engines.llm.block_pool);
@@ -48,7 +51,7 @@ class BlockStored:
 
     def to_wire(self) -> list[object]:
         return ["BlockStored", self.block_hashes, self.parent_block_hash, self.token_ids,
-                self.block_size, None, MEDIUM_GPU, None]
+                self.block_size, None, MEDIUM_GPU, None, None]
 
 
 @dataclass(slots=True)

@@ -13,7 +13,8 @@ from engines.base import GenerateRequest
 from engines.llm.block_pool import hash_blocks
 from engines.llm.engine import LLMEngine, LLMOptions
 from engines.llm.config import ModelLoadFailed
-from engines.llm.kv_events import AllBlocksCleared, wire_hash
+from engines.llm.kv_events import (AllBlocksCleared, BlockRemoved, BlockStored, encode_batch,
+                                   wire_hash)
 from engines.llm.model import random_model
 from tests.kv_event_subscriber import Cleared, Removed, Stored, Subscriber
 from tests.unit.test_llm_engine import CFG, drain, greedy, make_engine
@@ -121,6 +122,24 @@ def test_reset_prefix_cache_reports_removals(model, endpoint):
     finally:
         sub.close()
         engine.unload()
+
+
+# msgspec 0.22's encoding of KVEventBatch(1.5, [BlockStored([5, 2**64 - 1], 3, [1, 2], 1, None,
+# "GPU", None), BlockRemoved([7], "GPU"), AllBlocksCleared()], 0) with vLLM's struct definitions
+# (array_like=True, tag=True), taken once with msgspec installed.
+VLLM_BYTES = bytes.fromhex(
+    "93cb3ff80000000000009399ab426c6f636b53746f7265649205cfffffffffffffffff0392010201c0a34750"
+    "55c0c093ac426c6f636b52656d6f7665649107a347505591b0416c6c426c6f636b73436c656172656400")
+
+
+def test_encoding_is_byte_for_byte_vllms():
+    events = [BlockStored([5, 2**64 - 1], 3, [1, 2], 1), BlockRemoved([7]), AllBlocksCleared()]
+    assert encode_batch(1.5, events) == VLLM_BYTES
+
+
+def test_wire_hash_is_the_first_8_bytes_big_endian():
+    h = bytes(range(1, 17))
+    assert wire_hash(h) == 0x0102030405060708
 
 
 def test_off_by_default_opens_no_socket(model):
