@@ -80,8 +80,11 @@ class LLMOptions:
         if not isinstance(ep, str) or ep and not ep.startswith(("tcp://", "ipc://")):
             raise _bad_option("kv_events_endpoint", f"must be \"\" (off) or a tcp:// or ipc:// "
                               f"endpoint, got {ep!r}")
-        if not isinstance(opts.kv_events_topic, str):
-            raise _bad_option("kv_events_topic", f"must be a string, got {opts.kv_events_topic!r}")
+        try:
+            opts.kv_events_topic.format(host="", model="")
+        except (AttributeError, KeyError, IndexError, ValueError):
+            raise _bad_option("kv_events_topic", "must be a string whose only fields are {host} "
+                              f"and {{model}}, got {opts.kv_events_topic!r}") from None
         if opts.weight_format not in WEIGHT_FORMATS:
             raise _bad_option("weight_format", f"must be one of {list(WEIGHT_FORMATS)}, "
                               f"got {opts.weight_format!r}")
@@ -192,6 +195,8 @@ class LLMEngine(Engine):
             self.pool.events = self._kv_log = KVEventLog(opts.block_size)
             topic = opts.kv_events_topic.format(host=socket.gethostname(), model=name)
             self.kv_events = KVEventPublisher(opts.kv_events_endpoint, topic)
+            # a restarted engine starts empty: indexers drop what its predecessor held
+            self.kv_events.publish(time.time(), [AllBlocksCleared()])
 
     def _warm_up(self) -> None:
         """A tiny prefill and decode so the first request does not pay for lazy initialisation

@@ -153,3 +153,9 @@ def test_off_by_default_opens_no_socket(model):
 def test_bad_endpoint_names_the_key(bad):
     with pytest.raises(ModelLoadFailed, match="kv_events_endpoint"):
         LLMOptions.from_section({"kv_events_endpoint": bad})
+
+
+@pytest.mark.parametrize("bad", ["kv@{pod}", "kv@{0}", "kv@{", 7])
+def test_bad_topic_names_the_key(bad):
+    with pytest.raises(ModelLoadFailed, match="kv_events_topic"):
+        LLMOptions.from_section({"kv_events_topic": bad})
