@@ -6,12 +6,17 @@ sends it with NOBLOCK; a PUB socket drops at its high-water mark rather than blo
 numbers are taken at `publish`, so a batch dropped anywhere leaves a gap a subscriber can see.
 
 Binding is retried every second while it fails: a new version of a model is loaded while the old
-one still serves on the same endpoint, and takes the endpoint over once the old one unloads.
+one still serves on the same endpoint, and takes the endpoint over once the old one unloads. An
+ipc:// path counts as busy while something accepts connections on it (ZeroMQ would silently
+replace the file, and the old socket's close would then unlink the new one's); a stale file left by
+a dead process is replaced.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import queue
+import socket
 import threading
 from collections.abc import Sequence
 
@@ -71,6 +76,8 @@ class KVEventPublisher:
         warned = False
         while not self._stop.is_set():
             try:
+                if _ipc_in_use(self.endpoint):
+                    raise zmq.ZMQError(errno.EADDRINUSE)
                 sock.bind(self.endpoint)
                 log.info("publishing KV-cache events on %s", self.endpoint)
                 return True
@@ -105,3 +112,17 @@ class KVEventPublisher:
                                      encode_batch(ts, events)], flags=zmq.NOBLOCK)
             except zmq.Again:
                 self.dropped += 1
+
+
+def _ipc_in_use(endpoint: str) -> bool:
+    """Whether a live process listens on this ipc:// path."""
+    if not endpoint.startswith("ipc://"):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(endpoint[len("ipc://"):])
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()

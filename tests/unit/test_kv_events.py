@@ -159,3 +159,37 @@ def test_bad_endpoint_names_the_key(bad):
 def test_bad_topic_names_the_key(bad):
     with pytest.raises(ModelLoadFailed, match="kv_events_topic"):
         LLMOptions.from_section({"kv_events_topic": bad})
+
+
+def test_publisher_takes_over_a_busy_endpoint_and_never_blocks(endpoint):
+    """A new model version binds the endpoint its old version still holds: until that one lets
+    go, batches are dropped (not queued up, not blocking), and the sequence numbers show the gap."""
+    import zmq
+
+    from engines.llm.kv_publisher import KVEventPublisher
+
+    old = zmq.Context.instance().socket(zmq.PUB)
+    old.bind(endpoint)
+    pub = KVEventPublisher(endpoint, "t")
+    try:
+        t0 = time.monotonic()
+        for _ in range(100):
+            pub.publish(time.time(), [AllBlocksCleared()])
+        assert time.monotonic() - t0 < 1.0
+        deadline = time.monotonic() + 10
+        while pub.dropped < 100:
+            assert time.monotonic() < deadline, pub.dropped
+            time.sleep(0.01)
+        old.close(0)
+        sub = Subscriber(endpoint)
+        try:
+            deadline = time.monotonic() + 20
+            while (batch := sub.recv(0.2)) is None:
+                assert time.monotonic() < deadline, "publisher never took the endpoint over"
+                pub.publish(time.time(), [AllBlocksCleared()])
+            assert batch.topic == b"t" and batch.seq >= 100 and batch.events == [Cleared()]
+        finally:
+            sub.close()
+    finally:
+        pub.close()
+        old.close(0)
