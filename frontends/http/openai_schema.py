@@ -18,6 +18,7 @@ the caller serves them: `parse_chat(..., allow_tools=True)`; elsewhere they are
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from typing import Any
 from daemon.errors import InvalidInput
 from frontends.http.structured import parse_structured
 from frontends.http.tools import ToolRequest, parse_tools, read_tool_calls
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_N", "MAX_STOPS", "MAX_PROMPTS", "MAX_EMBED_INPUTS", "GenParams", "ChatRequest",
@@ -313,10 +316,36 @@ def _messages(body: dict[str, Any], allow_tools: bool) -> list[dict[str, Any]]:
     return [_message(m, f"messages[{i}]", allow_tools) for i, m in enumerate(raw)]
 
 
+# The fields each parser reads. Anything else is ignored, and each such name is logged once per
+# process (`_note_unknown`), so an operator sees what clients send that Ferry does not serve.
+_GENERATION_FIELDS = frozenset({
+    "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "seed", "n", "stop", "stop_token_ids", "ignore_eos",
+    "stream", "stream_options", "user", "logit_bias", "best_of", "logprobs", "response_format",
+    "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"})
+_CHAT_FIELDS = _GENERATION_FIELDS | {"messages", "max_completion_tokens", "top_logprobs",
+                                     "tools", "tool_choice", "parallel_tool_calls", "functions",
+                                     "function_call"}
+_COMPLETION_FIELDS = _GENERATION_FIELDS | {"prompt", "echo", "suffix"}
+_EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
+_NOTED: set[tuple[str, str]] = set()
+_MAX_NOTED = 256                    # distinct names remembered: a client cannot grow it forever
+
+
+def _note_unknown(body: dict[str, Any], known: frozenset[str], kind: str) -> None:
+    for key in body.keys() - known:
+        if (kind, key) in _NOTED or len(_NOTED) >= _MAX_NOTED:
+            continue
+        _NOTED.add((kind, key))
+        log.info("%s: ignoring parameter %s, which this server does not serve (logged once)",
+                 kind, ascii(key[:64]))
+
+
 def parse_chat(body: Any, *, allow_tools: bool = False) -> ChatRequest:
     """A chat body; `tools` (with `tool_choice`, `parallel_tool_calls`, tool messages and
     assistant tool calls) only where `allow_tools`, the callers that render and parse them."""
     body = require_object(body)
+    _note_unknown(body, _CHAT_FIELDS, "chat")
     model = _model(body)
     messages = _messages(body, allow_tools)
     params = _gen_params(body, chat=True)
@@ -368,6 +397,7 @@ def _prompts(body: dict[str, Any]) -> list[str | list[int]]:
 
 def parse_completion(body: Any) -> CompletionRequest:
     body = require_object(body)
+    _note_unknown(body, _COMPLETION_FIELDS, "completions")
     model = _model(body)
     prompts = _prompts(body)
     params = _gen_params(body, chat=False)
@@ -389,6 +419,7 @@ def parse_completion(body: Any) -> CompletionRequest:
 
 def parse_embeddings(body: Any) -> EmbeddingRequest:
     body = require_object(body)
+    _note_unknown(body, _EMBEDDING_FIELDS, "embeddings")
     model = _model(body)
     v = body.get("input")
     if v is None:

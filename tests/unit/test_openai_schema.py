@@ -214,3 +214,22 @@ def test_bad_embedding_fields(body, param, code):
     with pytest.raises(InvalidInput) as err:
         parse_embeddings(body)
     assert (err.value.param, err.value.code) == (param, code)
+
+
+def test_unknown_parameters_are_ignored_and_logged_once_per_name(caplog):
+    import frontends.http.openai_schema as schema
+    schema._NOTED.clear()
+    caplog.set_level("INFO", logger="frontends.http.openai_schema")
+    body = {"model": "m", "messages": USER, "store": True, "metadata": {"a": "b"},
+            "temperature": 0.5}
+    for _ in range(3):
+        assert parse_chat(body).params.temperature == 0.5     # still served
+    parse_completion({"model": "m", "prompt": "x", "store": True})
+    noted = [r.getMessage() for r in caplog.records]
+    assert len(noted) == 3, noted          # store and metadata for chat, store for completions
+    assert sum("'store'" in m for m in noted) == 2 and any("'metadata'" in m for m in noted)
+    # Known fields are never reported; a flood of random names stops being remembered.
+    assert not any("temperature" in m or "'model'" in m for m in noted)
+    parse_chat({"model": "m", "messages": USER, **{f"k{i}": 1 for i in range(1000)}})
+    assert len(schema._NOTED) == schema._MAX_NOTED
+    schema._NOTED.clear()
