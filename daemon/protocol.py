@@ -183,6 +183,8 @@ class Tokens(Message):
     finish_reason: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    # per token, the most likely alternatives as [token_id, logprob] pairs (top_logprobs > 0)
+    top_logprobs: list[Any] | None = None
 
 
 @dataclass(slots=True)

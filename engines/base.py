@@ -103,6 +103,7 @@ class TokenOutput:
     prompt_tokens: int = 0
     cached_tokens: int = 0                # prompt tokens served from the prefix cache
     error: Exception | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None   # per token, best first
 
 
 class Engine(abc.ABC):

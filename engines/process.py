@@ -340,7 +340,9 @@ class EngineHost:
                 self.io.send(pend.identity, P.encode(P.Tokens(
                     res.id, [int(t) for t in res.token_ids],
                     None if res.logprobs is None else [float(x) for x in res.logprobs],
-                    res.finished, res.finish_reason, res.prompt_tokens, res.cached_tokens)))
+                    res.finished, res.finish_reason, res.prompt_tokens, res.cached_tokens,
+                    None if res.top_logprobs is None else
+                    [[[int(t), float(lp)] for t, lp in top] for top in res.top_logprobs])))
             else:
                 self._send_result(pend, res)
             self.counters["results"] += 1

@@ -321,7 +321,7 @@ class LLMEngine(Engine):
             return []
         reasons = self.scheduler.update(batch, sampled.token_ids)
         self._counters["tokens_generated"] += len(rows)
-        return self._outputs(batch, sampled.token_ids, sampled.logprobs, reasons)
+        return self._outputs(batch, sampled.token_ids, sampled.logprobs, reasons, sampled.top)
 
     def _start_masks(self, seqs: list[Sequence]) -> Future[Any] | None:
         """The grammar masks of the constrained rows, computed in a thread while the forward
@@ -353,7 +353,8 @@ class LLMEngine(Engine):
                             list(batch.num_new), ctx, [s.block_table for s in batch.seqs])
 
     def _outputs(self, batch: ScheduledBatch, tokens: list[int], logprobs: list[float] | None,
-                 reasons: list[str | None]) -> list[TokenOutput]:
+                 reasons: list[str | None],
+                 top: list[list[tuple[int, float]]] | None = None) -> list[TokenOutput]:
         outs = []
         now = time.monotonic()
         for j, row in enumerate(batch.sample_rows):
@@ -361,6 +362,8 @@ class LLMEngine(Engine):
             reason = reasons[j]
             lp = [logprobs[j]] if logprobs is not None and seq.params.logprobs else None
             out = TokenOutput(seq.id, [tokens[j]], lp, reason is not None, reason)
+            if top is not None and seq.params.top_logprobs:
+                out.top_logprobs = [top[j]]
             self._record_latency(seq, now, reason is not None)
             self._first_output(seq, out)
             if reason is not None:

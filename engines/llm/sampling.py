@@ -34,6 +34,7 @@ from engines.llm.grammar import allowed_tokens, check_structured
 
 __all__ = ["SamplingParams", "SamplingRow", "SampleOutput", "Sampler", "GREEDY_EPS"]
 
+MAX_TOP_LOGPROBS = 20       # as OpenAI
 GREEDY_EPS = 1e-5            # temperatures below this are greedy (as in vLLM)
 _NUCLEUS_TRIES = 4           # top-p rejection rounds before the sort fallback
 _MAX_TEMPERATURE = 100.0
@@ -61,6 +62,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: bool = False
+    top_logprobs: int = 0                # also return this many most likely tokens (0..20)
     structured: dict[str, Any] | None = None   # a constraint (engines/llm/grammar.py)
 
     def validate(self, vocab_size: int | None = None) -> None:
@@ -89,6 +91,8 @@ class SamplingParams:
             raise bad("ignore_eos", "must be a boolean")
         if not isinstance(self.logprobs, bool):
             raise bad("logprobs", "must be a boolean")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad("top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}]")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise bad("seed", "must be an integer in [0, 2**63) or null")
         check_structured(self.structured)
@@ -123,6 +127,8 @@ class SamplingRow(Protocol):
 class SampleOutput:
     token_ids: list[int]
     logprobs: list[float] | None     # None when no row asked for logprobs
+    # per row, its top_logprobs most likely (token, logprob), best first; None: none asked
+    top: list[list[tuple[int, float]]] | None = None
 
 
 class Sampler:
@@ -147,10 +153,14 @@ class Sampler:
                for p in params):
             logits = _apply_penalties(logits.float(), rows)
         greedy = [p.temperature < GREEDY_EPS for p in params]
-        want_lp = any(p.logprobs for p in params)
+        want_lp = any(p.logprobs or p.top_logprobs for p in params)
         if all(greedy):
             ids = logits.argmax(dim=-1)                                  # [B]
-            return SampleOutput(ids.tolist(), _chosen_logprobs(logits, ids) if want_lp else None)
+            if not want_lp:
+                return SampleOutput(ids.tolist(), None)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            return SampleOutput(ids.tolist(), logp.gather(1, ids[:, None]).squeeze(1).tolist(),
+                                _top(logp, params))
 
         logits = logits.float()
         temps = [1.0 if g else p.temperature for g, p in zip(greedy, params)]
@@ -162,8 +172,10 @@ class Sampler:
         ids = self._draw(logits, rows, greedy)
         if greedy_ids is not None:
             ids = torch.where(torch.tensor(greedy, device=logits.device), greedy_ids, ids)
-        lps = logp.gather(1, ids[:, None]).squeeze(1).tolist() if logp is not None else None
-        return SampleOutput(ids.tolist(), lps)
+        if logp is None:
+            return SampleOutput(ids.tolist(), None)
+        return SampleOutput(ids.tolist(), logp.gather(1, ids[:, None]).squeeze(1).tolist(),
+                            _top(logp, params))
 
     def _draw(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
               greedy: list[bool]) -> torch.Tensor:
@@ -202,14 +214,20 @@ class Sampler:
         return ids.clamp_(max=cdf.shape[-1] - 1)
 
 
+def _top(logp: torch.Tensor, params: list[SamplingParams]
+         ) -> list[list[tuple[int, float]]] | None:
+    """Each row's top_logprobs most likely tokens of `logp` [B, V], best first."""
+    k = max(p.top_logprobs for p in params)
+    if k == 0:
+        return None
+    values, ids = logp.topk(k, dim=-1)                                   # [B, k]
+    return [list(zip(i[:p.top_logprobs], v[:p.top_logprobs]))
+            for i, v, p in zip(ids.tolist(), values.tolist(), params)]
+
+
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     """Per-row values as a [B, 1] float32 column on `like`'s device."""
     return torch.tensor(values, dtype=torch.float32, device=like.device)[:, None]
-
-
-def _chosen_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> list[float]:
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(1, ids[:, None]).squeeze(1).tolist()
 
 
 def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

@@ -175,18 +175,32 @@ class _Shape:
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
 
     def logprobs(self, tm: TextModel, ids: list[int], lps: list[float] | None,
-                 offset: int = 0) -> dict[str, Any] | None:
+                 offset: int = 0, tops: list[Any] | None = None) -> dict[str, Any] | None:
+        """OpenAI's logprobs object: chat `content` entries with `top_logprobs` lists, or the
+        completions form whose `top_logprobs` are {token: logprob} maps (tokens that decode
+        alike keep the likelier one, as in OpenAI's). `tops`: per token, [[id, logprob]...]."""
         if lps is None:
             return None
         tokens = [tm.token_text(t) for t in ids]
+        alts = [[(tm.token_text(int(t)), lp) for t, lp in top] for top in tops] \
+            if tops is not None else None
         if self.chat:
-            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
-                                 "top_logprobs": []} for t, lp in zip(tokens, lps)]}
+            return {"content": [
+                {"token": t, "logprob": lp, "bytes": list(t.encode()),
+                 "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(a.encode())}
+                                  for a, alp in (alts[i] if alts else [])]}
+                for i, (t, lp) in enumerate(zip(tokens, lps))]}
         offsets = []
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": None,
+        top_maps: list[dict[str, float]] | None = None
+        if alts is not None:
+            top_maps = [{} for _ in alts]
+            for m, alt in zip(top_maps, alts):
+                for a, alp in alt:              # best first: a duplicate keeps the likelier
+                    m.setdefault(a, alp)
+        return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": top_maps,
                 "text_offset": offsets}
 
     def choice(self, index: int, text: str, finish: str | None, logprobs: Any) -> dict:
@@ -239,15 +253,18 @@ async def _collect(gen: Generation, tm: TextModel, shape: _Shape, head: dict[str
     texts: list[list[str]] = [[e] for e in echoes]
     ids: list[list[int]] = [[] for _ in range(n)]
     lps: list[list[float] | None] = [None] * n
+    tops: list[list[Any] | None] = [None] * n
     finish: list[str | None] = [None] * n
     async for p in gen.pieces():
         texts[p.index].append(p.text)
         ids[p.index].extend(p.token_ids)
         if p.logprobs is not None:
             lps[p.index] = (lps[p.index] or []) + p.logprobs
+        if p.top_logprobs is not None:
+            tops[p.index] = (tops[p.index] or []) + p.top_logprobs
         finish[p.index] = p.finish_reason or finish[p.index]
     choices = [shape.choice(i, "".join(texts[i]), finish[i],
-                            shape.logprobs(tm, ids[i], lps[i], len(echoes[i])))
+                            shape.logprobs(tm, ids[i], lps[i], len(echoes[i]), tops[i]))
                for i in range(n)]
     if parsers is not None:
         for choice in choices:
@@ -301,7 +318,7 @@ async def _stream(sse: SSEResponse, gen: Generation, tm: TextModel, params: GenP
 
 async def _send_piece(sse: SSEResponse, p: Piece, tm: TextModel, shape: _Shape,
                       head: dict[str, Any], offsets: list[int], unroled: set[int]) -> None:
-    lp = shape.logprobs(tm, p.token_ids, p.logprobs, offsets[p.index])
+    lp = shape.logprobs(tm, p.token_ids, p.logprobs, offsets[p.index], p.top_logprobs)
     offsets[p.index] += len(p.text)
     if p.text or (lp and p.finish_reason is None):
         role = p.index in unroled
@@ -320,7 +337,7 @@ async def _send_tool_piece(sse: SSEResponse, p: Piece, parser: ToolCallParser, t
     """A chat piece of a request with tools: content, then `delta.tool_calls` chunks (a call's
     index, id, type and name first, its arguments in pieces after) as the openai client
     assembles them; a choice that called a tool finishes with "tool_calls"."""
-    lp = _Shape(chat=True).logprobs(tm, p.token_ids, p.logprobs)
+    lp = _Shape(chat=True).logprobs(tm, p.token_ids, p.logprobs, 0, p.top_logprobs)
     deltas = parser.feed(p.text) + (parser.finish() if p.finish_reason is not None else [])
     for d in deltas:
         delta = d.openai()

@@ -62,6 +62,7 @@ class GenParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0                # alternatives per token, with logprobs
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
@@ -78,7 +79,8 @@ class GenParams:
                 "presence_penalty": self.presence_penalty,
                 "frequency_penalty": self.frequency_penalty,
                 "stop_token_ids": list(self.stop_token_ids), "ignore_eos": self.ignore_eos,
-                "seed": seed, "logprobs": self.logprobs, "structured": self.structured}
+                "seed": seed, "logprobs": self.logprobs, "top_logprobs": self.top_logprobs,
+                "structured": self.structured}
 
 
 @dataclass(slots=True)
@@ -354,10 +356,9 @@ def parse_chat(body: Any, *, allow_tools: bool = False) -> ChatRequest:
     if top is not None:
         if not _is_int(top) or not 0 <= top <= 20:
             raise _bad("top_logprobs", f"must be an integer in [0, 20], got {top!r}")
-        if top > 0:
-            raise _bad("top_logprobs", "> 0 is not supported by this server; the sampled "
-                       "token's logprob is returned with 'logprobs': true",
-                       "unsupported_parameter")
+        if top > 0 and not params.logprobs:
+            raise _bad("top_logprobs", "needs 'logprobs': true")
+        params.top_logprobs = top
     if body.get("functions"):
         raise _bad("functions", "are not supported by this server; use 'tools'",
                    "unsupported_parameter")
@@ -407,10 +408,7 @@ def parse_completion(body: Any) -> CompletionRequest:
     if lp is not None:
         if not _is_int(lp) or not 0 <= lp <= 5:
             raise _bad("logprobs", f"must be an integer in [0, 5] or null, got {lp!r}")
-        if lp > 0:
-            raise _bad("logprobs", "> 0 (top alternatives) is not supported by this server; "
-                       "use 0 for the sampled tokens' logprobs", "unsupported_parameter")
-        params.logprobs = True
+        params.logprobs, params.top_logprobs = True, lp
     _unsupported(body, "suffix", ("",), "insertion (suffix) is not implemented")
     return CompletionRequest(model, prompts, params, echo=_bool(body, "echo"))
 

@@ -267,6 +267,7 @@ class Piece:
     token_ids: list[int]
     logprobs: list[float] | None
     finish_reason: str | None = None
+    top_logprobs: list[list[list[float]]] | None = None   # per token: [[token_id, logprob], ...]
 
 
 @dataclass(slots=True)
@@ -313,6 +314,7 @@ class Choice:
         decoder = IncrementalDecoder(self.tm.tokenizer, skip_special_tokens=True)
         ids: list[int] = []
         lps: list[float] | None = None
+        tops: list[Any] | None = None
         async for msg in self.stream:
             if msg.prompt_tokens and self.count_cached:
                 self.usage.cached_tokens += msg.cached_tokens
@@ -320,21 +322,23 @@ class Choice:
             ids.extend(msg.token_ids)
             if msg.logprobs is not None:
                 lps = (lps or []) + list(msg.logprobs)
+            if msg.top_logprobs is not None:
+                tops = (tops or []) + list(msg.top_logprobs)
             text = decoder.push(msg.token_ids)
             if msg.finished:
                 text += decoder.flush()
             out, stopped = self.matcher.push(text)
             if stopped:
                 await self.stream.cancel()
-                yield Piece(self.index, out, ids, lps, "stop")
+                yield Piece(self.index, out, ids, lps, "stop", tops)
                 return
             if msg.finished:
                 yield Piece(self.index, out + self.matcher.flush(), ids, lps,
-                            _finish_reason(msg.finish_reason))
+                            _finish_reason(msg.finish_reason), tops)
                 return
             if out:
-                yield Piece(self.index, out, ids, lps)
-                ids, lps = [], None
+                yield Piece(self.index, out, ids, lps, None, tops)
+                ids, lps, tops = [], None, None
 
 
 def _finish_reason(reason: str | None) -> str:

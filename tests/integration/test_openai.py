@@ -160,6 +160,31 @@ def test_chat_logprobs(client):
     assert "".join(t.token for t in content) == r.choices[0].message.content
 
 
+def test_chat_top_logprobs_whole_and_streamed(client):
+    kw = dict(model="smollm2", messages=CHAT, logprobs=True, top_logprobs=3, temperature=0,
+              max_tokens=4, extra_body={"ignore_eos": True})
+    content = client.chat.completions.create(**kw).choices[0].logprobs.content
+    assert len(content) == 4
+    for t in content:
+        tops = t.top_logprobs
+        assert len(tops) == 3 and tops[0].logprob >= tops[1].logprob >= tops[2].logprob
+        assert tops[0].token == t.token and tops[0].logprob == pytest.approx(t.logprob)
+    streamed = [e for chunk in client.chat.completions.create(**kw, stream=True)
+                for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+    assert [(e.token, [a.token for a in e.top_logprobs]) for e in streamed] == \
+        [(e.token, [a.token for a in e.top_logprobs]) for e in content]
+
+
+def test_completion_logprobs_with_alternatives(client):
+    r = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                  temperature=0, max_tokens=3, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.top_logprobs) == 3
+    for token, alts in zip(lp.tokens, lp.top_logprobs):
+        assert 1 <= len(alts) <= 2 and max(alts, key=alts.get) == token
+
+
 # -- completions --------------------------------------------------------------------------------
 
 def test_completions_whole_and_streamed(client):

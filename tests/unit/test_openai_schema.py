@@ -112,8 +112,8 @@ BAD_CHAT = [
       "stream_options": {"include_usage": 1}}, "stream_options.include_usage",
      "invalid_parameter"),
     ({"model": "m", "messages": USER, "logprobs": 1}, "logprobs", "invalid_parameter"),
-    ({"model": "m", "messages": USER, "logprobs": True, "top_logprobs": 3}, "top_logprobs",
-     "unsupported_parameter"),
+    ({"model": "m", "messages": USER, "top_logprobs": 3}, "top_logprobs",
+     "invalid_parameter"),                                   # needs logprobs: true
     ({"model": "m", "messages": USER, "top_logprobs": 50}, "top_logprobs",
      "invalid_parameter"),
     ({"model": "m", "messages": USER, "tools": [{"type": "function"}]}, "tools",
@@ -169,7 +169,6 @@ BAD_COMPLETION = [
     ({"model": "m", "prompt": [[1], []]}, "prompt", "invalid_parameter"),
     ({"model": "m", "prompt": [[1], ["a"]]}, "prompt[1]", "invalid_parameter"),
     ({"model": "m", "prompt": ["a"] * 33}, "prompt", "invalid_parameter"),
-    ({"model": "m", "prompt": "a", "logprobs": 2}, "logprobs", "unsupported_parameter"),
     ({"model": "m", "prompt": "a", "logprobs": 9}, "logprobs", "invalid_parameter"),
     ({"model": "m", "prompt": "a", "suffix": "z"}, "suffix", "unsupported_parameter"),
     ({"model": "m", "prompt": "a", "best_of": 3}, "best_of", "unsupported_parameter"),
@@ -233,3 +232,15 @@ def test_unknown_parameters_are_ignored_and_logged_once_per_name(caplog):
     parse_chat({"model": "m", "messages": USER, **{f"k{i}": 1 for i in range(1000)}})
     assert len(schema._NOTED) == schema._MAX_NOTED
     schema._NOTED.clear()
+
+
+def test_top_logprobs_reach_the_engine():
+    chat = parse_chat({"model": "m", "messages": USER, "logprobs": True, "top_logprobs": 5})
+    assert chat.params.engine_params(8, 0)["top_logprobs"] == 5
+    comp = parse_completion({"model": "m", "prompt": "a", "logprobs": 3})
+    engine = comp.params.engine_params(8, 0)
+    assert engine["logprobs"] is True and engine["top_logprobs"] == 3
+    SamplingParams(**engine).validate(100)
+    with pytest.raises(InvalidInput) as err:
+        SamplingParams(top_logprobs=21).validate(100)
+    assert err.value.param == "top_logprobs"

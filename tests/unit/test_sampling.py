@@ -242,3 +242,28 @@ def test_logprobs_are_of_the_tempered_distribution_and_only_when_asked():
     assert greedy.token_ids == [2]
     assert greedy.logprobs[0] == pytest.approx(torch.log_softmax(logits[0], -1)[2].item())
     assert all(lp <= 0 and math.isfinite(lp) for lp in out.logprobs + greedy.logprobs)
+
+
+def test_top_logprobs_are_the_k_likeliest_best_first_per_row():
+    sampler = Sampler(seed=3)
+    logits = logits_from_probs(PROBS, 3)
+    rows = [row(temperature=0.0, logprobs=True, top_logprobs=3),
+            row(temperature=1.0, logprobs=True, top_logprobs=1),
+            row(temperature=0.0, logprobs=True)]
+    out = sampler(logits, rows)
+    assert [len(t) for t in out.top] == [3, 1, 0]
+    assert [t for t, _ in out.top[0]] == [0, 1, 2]
+    for (t, lp), p in zip(out.top[0], PROBS):
+        assert lp == pytest.approx(math.log(p), abs=1e-5)
+    assert out.top[1][0][0] == 0 and out.token_ids[0] == 0
+    assert out.logprobs[0] == pytest.approx(out.top[0][0][1])
+    # none asked: no top lists at all, greedy and sampled
+    assert sampler(logits_from_probs(PROBS, 2),
+                   [row(temperature=0.0, logprobs=True), row(logprobs=True)]).top is None
+
+
+def test_top_logprobs_out_of_range_are_refused():
+    for bad in (-1, 21, 1.5, True):
+        with pytest.raises(InvalidInput) as err:
+            SamplingParams(top_logprobs=bad).validate()
+        assert err.value.param == "top_logprobs"
