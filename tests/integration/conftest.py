@@ -24,3 +24,12 @@ def daemon(demo_models: Path, tmp_path_factory: pytest.TempPathFactory):
     code = d.stop()
     assert code == 0, d.log()[-4000:]
     assert not orphan_segments(), "shared-memory segments leaked"
+
+
+@pytest.fixture(scope="module")
+def client(ferry):
+    """The `openai` package's client, unchanged, on the module's own `ferry` daemon."""
+    import openai
+    c = openai.OpenAI(base_url=ferry.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    yield c
+    c.close()

@@ -35,13 +35,6 @@ def ferry(demo_models, tmp_path_factory):
     assert not orphan_segments(), "shared-memory segments leaked"
 
 
-@pytest.fixture(scope="module")
-def client(ferry):
-    c = openai.OpenAI(base_url=ferry.url + "/v1", api_key="x", max_retries=0, timeout=120)
-    yield c
-    c.close()
-
-
 def post(ferry, path: str, body: bytes | dict, ctype: str = "application/json"
          ) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()

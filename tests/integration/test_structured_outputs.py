@@ -21,6 +21,9 @@ from tests.integration.daemon_proc import Daemon, orphan_segments, wait_until
 pytestmark = pytest.mark.timeout(180)
 
 ASK = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+# A 135M model may ramble on inside a free-form object; a direct request keeps it short.
+SHORT = [{"role": "user", "content": 'Reply with a JSON object with one key, "capital", the '
+          'capital of France.'}]
 
 
 class City(BaseModel):
@@ -38,18 +41,8 @@ def ferry(demo_models, tmp_path_factory):
     assert not orphan_segments(), "shared-memory segments leaked"
 
 
-@pytest.fixture(scope="module")
-def client(ferry):
-    c = openai.OpenAI(base_url=ferry.url + "/v1", api_key="x", max_retries=0, timeout=120)
-    yield c
-    c.close()
-
-
 def test_json_object_chat_is_valid_json(client):
-    # A 135M model may ramble on inside an object; a direct request keeps it short.
-    short = [{"role": "user", "content": 'Reply with a JSON object with one key, "capital", '
-              'the capital of France.'}]
-    r = client.chat.completions.create(model="smollm2", messages=short, max_tokens=80,
+    r = client.chat.completions.create(model="smollm2", messages=SHORT, max_tokens=80,
                                        temperature=0, response_format={"type": "json_object"})
     assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
     assert isinstance(json.loads(r.choices[0].message.content), dict)
@@ -96,6 +89,15 @@ def test_vllm_guided_fields_on_completions(client):
     assert new.choices[0].message.content in ("Paris", "Lyon")
 
 
+def test_stop_strings_still_end_a_constrained_generation(client):
+    r = client.completions.create(model="smollm2", prompt="Write the alphabet:", max_tokens=40,
+                                  temperature=0, stop=["e"],
+                                  extra_body={"guided_regex": "[a-z ]{10,40}"})
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop" and "e" not in choice.text, choice
+    assert re.fullmatch("[a-z ]*", choice.text), choice
+
+
 @pytest.mark.parametrize("extra,code", [
     ({"guided_regex": "("}, "invalid_grammar"),
     ({"guided_grammar": "root ::= missing"}, "invalid_grammar"),
@@ -131,7 +133,8 @@ def test_websocket_inference_takes_a_constraint(ferry):
 def test_batch_items_take_a_constraint(ferry):
     import urllib.request
     body = {"requests": [{"custom_id": "c", "url": "/v1/chat/completions",
-                          "body": {"model": "smollm2", "messages": ASK, "max_tokens": 60,
+                          "body": {"model": "smollm2", "messages": SHORT, "max_tokens": 80,
+                                   "temperature": 0,
                                    "response_format": {"type": "json_object"}}}]}
     req = urllib.request.Request(ferry.url + "/v1/batches", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"}, method="POST")
@@ -145,5 +148,6 @@ def test_batch_items_take_a_constraint(ferry):
         return data if data and data[0]["status"] not in ("pending", "running") else None
     [item] = wait_until(results, 120, "the batch item")
     assert item["status"] == "done", item
-    content = item["response"]["body"]["choices"][0]["message"]["content"]
-    assert isinstance(json.loads(content), dict), item
+    choice = item["response"]["body"]["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    assert isinstance(json.loads(choice["message"]["content"]), dict), item

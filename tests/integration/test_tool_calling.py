@@ -50,13 +50,6 @@ def ferry(demo_models, tmp_path_factory):
     assert not orphan_segments(), "shared-memory segments leaked"
 
 
-@pytest.fixture(scope="module")
-def client(ferry):
-    c = openai.OpenAI(base_url=ferry.url + "/v1", api_key="x", max_retries=0, timeout=50)
-    yield c
-    c.close()
-
-
 def check_calls(calls, names=tuple(SCHEMAS)):
     assert calls, "no tool calls"
     ids = set()

@@ -26,13 +26,6 @@ def ferry(demo_models, tmp_path_factory):
     assert not orphan_segments(), "shared-memory segments leaked"
 
 
-@pytest.fixture(scope="module")
-def client(ferry):
-    c = openai.OpenAI(base_url=ferry.url + "/v1", api_key="x", max_retries=0, timeout=50)
-    yield c
-    c.close()
-
-
 def _post(ferry, path: str, body: dict) -> tuple[int, dict]:
     req = urllib.request.Request(ferry.url + path, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})

