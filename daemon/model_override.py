@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.errors import InvalidInput
+from daemon.repository import NAME_RE
 
 __all__ = ["parse_config", "materialize", "parse_files", "write_upload"]
 
@@ -126,6 +127,8 @@ def write_upload(base: Path, model: str, overrides: dict[str, Any],
     """A one-model repository at `base/<model>` built from uploaded `files`, each version with a
     model.toml for the ONNX engine (plus `overrides`); replaces an earlier upload of `model`.
     Returns the repository root."""
+    if not NAME_RE.fullmatch(model):     # never "..", a path, or a name the repository refuses
+        raise _bad(model, "a model name is a letter or digit, then letters, digits, _ . -")
     root = base / model
     if root.exists():
         shutil.rmtree(root)

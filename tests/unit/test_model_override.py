@@ -6,7 +6,7 @@ import tomllib
 import pytest
 
 from daemon.errors import InvalidInput
-from daemon.model_override import materialize, parse_config
+from daemon.model_override import materialize, parse_config, write_upload
 
 
 @pytest.mark.parametrize("raw, want", [
@@ -65,3 +65,14 @@ def test_upload_paths_stay_inside_a_version_directory(key):
     with pytest.raises(InvalidInput) as err:
         parse_files("up", {key: ""})
     assert err.value.code == "invalid_model_config"
+
+
+@pytest.mark.parametrize("model", ["..", ".", ".hidden", "a/b", "", "x" * 200])
+def test_an_upload_never_writes_outside_its_own_model_directory(tmp_path, model):
+    base = tmp_path / "uploads"
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    with pytest.raises(InvalidInput) as err:
+        write_upload(base, model, {}, {"1/model.onnx": b"x"})
+    assert err.value.code == "invalid_model_config"
+    assert keep.is_dir() and not base.exists()
