@@ -119,6 +119,10 @@ def parse_files(model: str, params: dict[str, Any]) -> dict[str, bytes]:
             files[rel] = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise _bad(model, f"{key!r}: the contents are not valid base64") from None
+    dirs = {"/".join(rel.split("/")[:i]) for rel in files for i in range(2, rel.count("/") + 1)}
+    clash = sorted(dirs & files.keys())
+    if clash:
+        raise _bad(model, f"file:{clash[0]} is both a file and a directory of another file")
     return files
 
 
@@ -130,12 +134,15 @@ def write_upload(base: Path, model: str, overrides: dict[str, Any],
     if not NAME_RE.fullmatch(model):     # never "..", a path, or a name the repository refuses
         raise _bad(model, "a model name is a letter or digit, then letters, digits, _ . -")
     root = base / model
-    if root.exists():
-        shutil.rmtree(root)
-    for rel, data in files.items():
-        path = root / model / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+    try:
+        if root.exists():
+            shutil.rmtree(root)
+        for rel, data in files.items():
+            path = root / model / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+    except OSError as exc:              # e.g. a full state disk: the client's load fails, cleanly
+        raise _bad(model, f"the uploaded files could not be written: {exc.strerror}") from None
     for version_dir in (root / model).iterdir():
         lines = ['engine = "onnx"',
                  *(f"{key} = {json.dumps(value)}" for key, value in overrides.items())]

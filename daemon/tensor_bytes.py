@@ -53,7 +53,9 @@ def deserialize(data: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
     """The object array of `bytes` that `data` (Triton's serialized form) holds; every byte
     must belong to exactly prod(shape) elements."""
     buf = memoryview(data).cast("B")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
+    if count * 4 > len(buf):      # every element has its 4-byte length: refuse before allocating
+        raise _short(name, count, len(buf) // 4)
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):

@@ -222,6 +222,10 @@ class LLMEngine(Engine):
             self.kv_events = self._kv_log = None
         self.model = None
         self.kv = None
+        self.grammars = None             # the tokenizer and compiled grammar templates
+        if self._mask_pool is not None:
+            self._mask_pool.shutdown(wait=True)
+            self._mask_pool = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -122,3 +122,18 @@ def test_max_tokens_and_cancel_work_under_a_constraint(engine):
     [out] = engine.cancel("x")
     assert out.finish_reason == "cancelled" and not engine.has_work()
     assert engine.pool.num_free == engine.pool.num_blocks      # its KV blocks came back
+
+
+def test_unload_drops_the_grammar_state_and_its_thread():
+    import threading
+    e = LLMEngine()
+    e.load(ModelSpec("smollm2", 1, "llm", _smollm2_dir(),
+                     weights="SmolLM2-135M-Instruct.Q4_1.gguf",
+                     sections={"llm": {"kv_cache_mb": 8, "max_num_seqs": 2}}), "cpu")
+    def mask_threads() -> int:          # the module's other engine keeps its own
+        return sum(t.name.startswith("ferry-grammar") for t in threading.enumerate())
+    before = mask_threads()
+    run(e, {"c": params({"type": "choice", "choices": ["yes", "no"]})})
+    assert mask_threads() == before + 1
+    e.unload()
+    assert e.grammars is None and mask_threads() == before

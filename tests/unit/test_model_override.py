@@ -76,3 +76,12 @@ def test_an_upload_never_writes_outside_its_own_model_directory(tmp_path, model)
         write_upload(base, model, {}, {"1/model.onnx": b"x"})
     assert err.value.code == "invalid_model_config"
     assert keep.is_dir() and not base.exists()
+
+
+def test_a_path_that_is_both_a_file_and_a_directory_is_refused():
+    from daemon.model_override import parse_files
+    with pytest.raises(InvalidInput) as err:
+        parse_files("m", {"file:1/a": "eA==", "file:1/a/b": "eA=="})
+    assert err.value.code == "invalid_model_config" and "file:1/a " in err.value.message
+    assert set(parse_files("m", {"file:1/a/b": "eA==", "file:1/a/c": "eA=="})) == \
+        {"1/a/b", "1/a/c"}

@@ -38,3 +38,12 @@ def test_fixed_size_frame_of_the_wrong_size_is_invalid_shape():
     assert err.value.code == "invalid_shape"
     assert from_buffer("x", "int32", (2, 2), np.arange(4, dtype=np.int32).tobytes()).tolist() \
         == [[0, 1], [2, 3]]
+
+
+def test_a_huge_shape_with_little_data_is_refused_before_allocating():
+    import time
+    started = time.perf_counter()
+    with pytest.raises(InvalidInput) as err:
+        deserialize(b"\x00" * 8, (2**31 - 1,), "t")     # 2 elements' worth of lengths
+    assert err.value.code == "invalid_data" and "element 2 " in err.value.message
+    assert time.perf_counter() - started < 0.5          # was ~1 min and 16 GB for 2**31
