@@ -103,7 +103,12 @@ class KVEventPublisher:
 
     def _send_loop(self, sock: zmq.Socket) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                if self._stop.is_set():      # close() could not queue _STOP: end all the same
+                    return
+                continue
             if item is _STOP:
                 return
             seq, ts, events = item

@@ -193,3 +193,15 @@ def test_publisher_takes_over_a_busy_endpoint_and_never_blocks(endpoint):
     finally:
         pub.close()
         old.close(0)
+
+
+def test_the_sender_ends_on_close_even_when_its_stop_marker_cannot_be_queued(endpoint):
+    """close() gives up queueing its stop marker when the queue stays full; the thread must
+    still end (and unbind the endpoint) rather than wait on the queue forever."""
+    from engines.llm.kv_publisher import KVEventPublisher
+
+    pub = KVEventPublisher(endpoint, "t")
+    time.sleep(0.3)                      # bound, waiting for batches
+    pub._stop.set()                      # what close() leaves when the queue is full
+    pub._thread.join(3)
+    assert not pub._thread.is_alive()
