@@ -27,7 +27,8 @@ Route policies (scope needed; "open" needs none):
     admin  /admin/* (always, even with auth.required = false), /v2/repository/*,
            /v2/systemsharedmemory/*, /v2/cudasharedmemory/* (mapping a segment by name is a
            host-level power, not an inference right), /v2/logging, /v2/trace/setting.
-    infer  /v2/models/{model}/... (infer, metadata, config, ready), /v1/* (a `{model}` in
+    infer  /v2/models/{model}/... (infer, metadata, config, ready, stats, and the per-model
+           trace/setting, which can only ever read "off"), /v1/* (a `{model}` in
            the route, else the `model` of a JSON body, is checked against the key's list
            before the handler runs; `authorize_model` is for routes that learn it later,
            like the items of a batch), /v1/ws (the
