@@ -12,6 +12,9 @@ def main(argv: list[str]) -> int:
     if role == "engine":
         from engines.process import run_engine
         return run_engine(args)
+    if role == "standby":
+        from engines.standby import run_standby
+        return run_standby(args)
     if role == "http":
         from frontends.http.server import run_http
         return run_http(args)

@@ -26,8 +26,9 @@ from daemon.errors import ConfigError
 from daemon.repository import select_versions
 
 __all__ = ["ServerConfig", "PathsConfig", "EnginesConfig", "RepositoryConfig", "ShmConfig",
-           "AuthConfig", "LoggingConfig", "Config", "load_config", "check_exposure",
-           "ENV_OVERRIDES"]
+           "AuthConfig", "LoggingConfig", "CompatConfig", "COMPAT_SEEDS", "TemplatesConfig",
+           "CustomMetricsConfig", "TracingConfig", "Config",
+           "load_config", "check_exposure", "ENV_OVERRIDES"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,6 +52,11 @@ class ServerConfig:
     # gets 429 overloaded + Retry-After before it costs anything (frontends/load_shed.py).
     max_waiting: int = 0
     max_queue_wait_s: float = 0.0
+    # Resumable streams (stream_options.resumable): how long a dropped stream waits for its
+    # client to come back (0: resumable streams refused), and the bytes of retained events a
+    # key may hold (frontends/http/resume.py).
+    stream_resume_window_s: float = 60.0
+    stream_resume_max_kb_per_key: int = 8192
 
 
 @dataclass(slots=True, frozen=True)
@@ -63,9 +69,10 @@ class PathsConfig:
 @dataclass(slots=True, frozen=True)
 class EnginesConfig:
     devices: tuple[str, ...] = ("auto",)
-    restart_backoff_s: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
-    threads: int = 0                # torch / ORT intra-op threads per engine; 0 = library default
+    restart_backoff_s: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
+    threads: int = 0                # torch threads per engine; 0 = usable CPUs less one
     memory_mb: int = 0              # model memory budget per engine; 0 = from the device
+    standby: str = "off"            # off | imports | models: a waiting engine process per device
 
 
 @dataclass(slots=True, frozen=True)
@@ -100,6 +107,47 @@ class LoggingConfig:
     log_bodies: bool = False
 
 
+COMPAT_SEEDS = ("cinfer", "backend", "api", "gateway", "inferno")
+
+
+@dataclass(slots=True, frozen=True)
+class CompatConfig:
+    # The seed whose routes answer, at the root, the paths several claim (GET /health, /models,
+    # POST /infer by body shape first; "api": /v1/models too). "": Ferry's own routes keep
+    # theirs. Every seed is also served under /compat/<seed>/ (frontends/http/compat).
+    root: str = ""
+    # The LLM the text seeds (backend, gateway, inferno without "model") generate with;
+    # "": the first ready LLM by name.
+    text_model: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class TemplatesConfig:
+    """Prompt templates (frontends/http/prompt_templates.py, template_sandbox.py)."""
+    max_source_chars: int = 32768
+    max_output_chars: int = 65536
+    max_variables_chars: int = 262144
+    max_steps: int = 1_000_000
+    render_timeout_s: float = 1.0
+
+
+@dataclass(slots=True, frozen=True)
+class CustomMetricsConfig:
+    """Client-defined metrics (frontends/http/custom_metrics.py)."""
+    max_metrics: int = 100
+    max_series_per_metric: int = 100
+    max_labels: int = 8
+
+
+@dataclass(slots=True, frozen=True)
+class TracingConfig:
+    """Request spans (frontends/spans.py): the newest buffer_spans are kept."""
+    enabled: bool = True            # false: no spans, no traceparent answered, none on the wire
+    sample_ratio: float = 1.0       # share of new traces recorded (a traceparent decides its own)
+    buffer_spans: int = 2048
+    otlp_endpoint: str = ""         # "": no export; else http(s)://host:4318 (OTLP/HTTP)
+
+
 @dataclass(slots=True, frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -109,6 +157,10 @@ class Config:
     shm: ShmConfig = field(default_factory=ShmConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    compat: CompatConfig = field(default_factory=CompatConfig)
+    templates: TemplatesConfig = field(default_factory=TemplatesConfig)
+    custom_metrics: CustomMetricsConfig = field(default_factory=CustomMetricsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     @property
     def runtime_dir(self) -> Path:
@@ -228,16 +280,22 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"server.{key}", "must be > 0")
     if s.max_connections < 1:
         raise ConfigError("server.max_connections", "must be at least 1")
+    if not 0 <= s.stream_resume_window_s <= 86400:   # written so that nan fails too
+        raise ConfigError("server.stream_resume_window_s", "must be 0 (off) .. 86400 seconds")
+    if not 1 <= s.stream_resume_max_kb_per_key <= 1 << 22:
+        raise ConfigError("server.stream_resume_max_kb_per_key", "must be 1 .. 4194304 (4 GiB)")
     if not 0 <= s.max_waiting <= 1_000_000:
         raise ConfigError("server.max_waiting", "must be 0 (off) .. 1000000")
     if not 0 <= s.max_queue_wait_s <= 86400:   # written so that nan fails too
         raise ConfigError("server.max_queue_wait_s", "must be 0 (off) .. 86400 seconds")
     if cfg.engines.threads < 0:
-        raise ConfigError("engines.threads", "must be >= 0 (0: library default)")
+        raise ConfigError("engines.threads", "must be >= 0 (0: the usable CPUs less one)")
     if not cfg.engines.restart_backoff_s or not all(b >= 0 for b in cfg.engines.restart_backoff_s):
         raise ConfigError("engines.restart_backoff_s", "must be a non-empty list of seconds >= 0")
     if cfg.shm.inline_threshold_kb < 0:
         raise ConfigError("shm.inline_threshold_kb", "must be >= 0")
+    if cfg.engines.standby not in ("off", "imports", "models"):
+        raise ConfigError("engines.standby", "must be \"off\", \"imports\" or \"models\"")
     if cfg.engines.memory_mb < 0:
         raise ConfigError("engines.memory_mb", "must be >= 0 (0: sized from the device)")
     if cfg.repository.control_mode not in ("none", "poll", "explicit"):
@@ -257,12 +315,30 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("logging.level", "must be debug, info, warning, error or critical")
     if cfg.logging.format not in ("json", "text"):
         raise ConfigError("logging.format", "must be json or text")
+    for key in ("max_source_chars", "max_output_chars", "max_variables_chars", "max_steps"):
+        if not 1 <= getattr(cfg.templates, key) <= 2**31:
+            raise ConfigError(f"templates.{key}", "must be 1 .. 2**31")
+    if not 0 < cfg.templates.render_timeout_s <= 60:
+        raise ConfigError("templates.render_timeout_s", "must be > 0 and at most 60 seconds")
+    for key in ("max_metrics", "max_series_per_metric", "max_labels"):
+        if not 1 <= getattr(cfg.custom_metrics, key) <= 100000:
+            raise ConfigError(f"custom_metrics.{key}", "must be 1 .. 100000")
+    if not 0 <= cfg.tracing.sample_ratio <= 1:      # written so that nan fails too
+        raise ConfigError("tracing.sample_ratio", "must be 0 .. 1")
+    if not 1 <= cfg.tracing.buffer_spans <= 1_000_000:
+        raise ConfigError("tracing.buffer_spans", "must be 1 .. 1000000")
+    if cfg.tracing.otlp_endpoint and not cfg.tracing.otlp_endpoint.startswith(
+            ("http://", "https://")):
+        raise ConfigError("tracing.otlp_endpoint", "must be \"\" (off) or an http:// or "
+                          "https:// URL of an OTLP/HTTP collector")
     if not cfg.engines.devices:
         raise ConfigError("engines.devices", "must name at least one device")
     for dev in cfg.engines.devices:
         if dev not in ("auto", "cpu") and not (dev.startswith("cuda:") and dev[5:].isascii()
                                              and dev[5:].isdigit()):
             raise ConfigError("engines.devices", f"unknown device {dev!r} (auto, cpu, cuda:N)")
+    if cfg.compat.root not in ("", *COMPAT_SEEDS):
+        raise ConfigError("compat.root", f"must be \"\" or one of {', '.join(COMPAT_SEEDS)}")
     for key in ("allow_ips", "webhook_allow_cidrs"):
         for cidr in getattr(cfg.auth, key):
             try:

@@ -5,6 +5,9 @@
 - `digits/1`: a small MLP trained here, in seconds and deterministically, on scikit-learn's 8x8
   digits; input `pixels` [B, 64] (0..16), output `probabilities` [B, 10].
 - `smollm2/1`: SmolLM2-135M-Instruct (GGUF, Q4_1) for the llm engine, linked from its package.
+- `digits-diffusion/1`: a class-conditional diffusion model trained here (about a minute, seed 0)
+  on the same digits, in the diffusers layout, for the diffusion engine (prompt "a handwritten
+  7"; engines/diffusion/digits.py).
 
 Each model is built in a staging directory inside the repository and renamed into place, so a
 reader (the repository poller) never sees half a model. Run: `python -m daemon.demo --out DIR`.
@@ -32,7 +35,7 @@ __all__ = ["DEMO_MODELS", "prepare_demo_models", "digits_split", "minilm_source_
 
 log = logging.getLogger(__name__)
 
-DEMO_MODELS = ("minilm", "digits", "smollm2")
+DEMO_MODELS = ("minilm", "digits", "smollm2", "digits-diffusion")
 MINILM_MAX_LENGTH = 256          # sentence-transformers' max_seq_length for this model
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SEED = 0
@@ -46,7 +49,8 @@ def prepare_demo_models(root: Path, *, force: bool = False) -> list[str]:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     builders: dict[str, Callable[[Path], None]] = {
-        "minilm": _build_minilm, "digits": _build_digits, "smollm2": _build_smollm2}
+        "minilm": _build_minilm, "digits": _build_digits, "smollm2": _build_smollm2,
+        "digits-diffusion": _build_digits_diffusion}
     built = []
     for name in DEMO_MODELS:
         if (root / name / "1" / "model.toml").exists() and not force:
@@ -307,6 +311,11 @@ test_images = {n}
 
 
 # -- smollm2 --------------------------------------------------------------------------------
+
+def _build_digits_diffusion(out: Path) -> None:
+    from engines.diffusion.digits import build_digits_diffusion
+    build_digits_diffusion(out)
+
 
 def _build_smollm2(out: Path) -> None:
     src = smollm2_gguf()

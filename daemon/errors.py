@@ -31,8 +31,12 @@ class FerryError(Exception):
         self.param = param
 
     def to_wire(self) -> dict:
-        return {"status": self.status, "code": self.code, "message": self.message,
+        wire = {"status": self.status, "code": self.code, "message": self.message,
                 "param": self.param}
+        retry_after = getattr(self, "retry_after", None)
+        if retry_after is not None:
+            wire["retry_after"] = retry_after
+        return wire
 
 
 class InvalidInput(FerryError):
@@ -116,7 +120,28 @@ class ConfigError(Exception):
         self.key = key
 
 
+# The class each stable code comes back as across a process boundary (FerryError.to_wire ->
+# error_from_wire), so a frontend can tell a replayable engine death, a retryable busy or a
+# client's mistake apart by type, not by string.
+_BY_CODE: dict[str, type[FerryError]] = {cls.code: cls for cls in (
+    InvalidInput, ContextLengthExceeded, ModelNotFound, ModelUnavailable, Busy,
+    DeadlineExceeded, PayloadTooLarge, UnsupportedMediaType, Unauthorized, Forbidden,
+    RateLimited, Overloaded, ProtocolMismatch, EngineDied, Cancelled, InternalError)}
+
+
 def error_from_wire(d: dict) -> FerryError:
-    """Rebuild an error sent across a process boundary (by `FerryError.to_wire`)."""
-    return FerryError(str(d.get("message", "")), code=str(d.get("code", "internal_error")),
-                      status=int(d.get("status", 500)), param=d.get("param"))
+    """Rebuild an error sent across a process boundary (by `FerryError.to_wire`) as the
+    subclass its code names, keeping the status, message and param it was sent with. A code of
+    its own on a 400 (`invalid_shape`, `bad_message`, ...) comes back as an `InvalidInput`; any
+    error that carried `retry_after` comes back as a `RateLimited` (or its subclass), so its
+    frontend sends Retry-After."""
+    message, code = str(d.get("message", "")), str(d.get("code", "internal_error"))
+    status, param = int(d.get("status", 500)), d.get("param")
+    retry_after = d.get("retry_after")
+    cls = _BY_CODE.get(code) or (InvalidInput if status == 400 else FerryError)
+    if isinstance(retry_after, (int, float)) and not isinstance(retry_after, bool):
+        if not issubclass(cls, RateLimited):
+            cls = RateLimited
+        return cls(message, code=code, status=status, param=param,
+                   retry_after=float(retry_after))
+    return cls(message, code=code, status=status, param=param)

@@ -17,7 +17,8 @@ from typing import Awaitable, Callable
 
 from daemon.logs import setup_logging
 
-__all__ = ["ProcessState", "init_child", "set_title", "die_with_parent", "run_until_signalled"]
+__all__ = ["ProcessState", "init_child", "set_title", "die_with_parent", "rename_role",
+           "run_until_signalled"]
 
 _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
@@ -49,6 +50,29 @@ def set_title(title: str) -> None:
     libc = _libc()
     if libc is not None:
         libc.prctl(_PR_SET_NAME, ctypes.c_char_p(title.encode()[:15]), 0, 0, 0)
+
+
+def rename_role(old: str, new: str) -> bool:
+    """Rewrite the argument `old` of this process's command line (/proc/<pid>/cmdline) to
+    `new`, NUL-padded to the same length, in place: a standby engine that took over reads as
+    an engine. False where the argument area cannot be written."""
+    if len(new) > len(old):
+        raise ValueError("the new role must not be longer than the old one")
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])      # arg_start, arg_end (proc(5))
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            args = mem.read(end - start)
+            at = args.find(b"\0" + old.encode() + b"\0")
+            if at < 0:
+                return False
+            mem.seek(start + at + 1)
+            mem.write(new.encode().ljust(len(old), b"\0"))
+        return True
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 def die_with_parent(parent_pid: int) -> None:

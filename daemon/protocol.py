@@ -21,7 +21,7 @@ from daemon.errors import InvalidInput, ProtocolMismatch
 
 __all__ = [
     "PROTOCOL_VERSION", "DTYPES", "BadMessage", "ShmLoc", "TensorRef", "Message",
-    "Infer", "InferResult", "Generate", "Tokens", "Cancel", "Free", "ErrorReply",
+    "Infer", "InferResult", "Generate", "Tokens", "Progress", "Cancel", "Free", "ErrorReply",
     "RegisterRegion", "UnregisterRegion", "RegionReply", "Load", "Unload", "Loaded",
     "StatsQuery", "StatsReply", "Placement", "Control", "ControlReply", "EngineHello",
     "encode", "decode", "peek_id", "tensor_nbytes",
@@ -41,6 +41,11 @@ MAX_HEADER = 1 << 24
 MAX_TIMEOUT_MS = 2**62
 # Integer fields whose range a receiver relies on, beyond their type.
 _INT_RANGES = {"timeout_ms": (0, MAX_TIMEOUT_MS)}
+# Length bounds of string and list fields whose size a receiver relies on.
+_MAX_LEN = {"trace": 256, "timing": 16}
+# Optional tracing fields: left out of the header when empty, so an untraced message is byte for
+# byte what it was before tracing existed (and costs nothing to send).
+_OMIT_EMPTY = frozenset({"trace", "timing"})
 
 
 class BadMessage(InvalidInput):
@@ -144,6 +149,19 @@ class Infer(Message):
     request_id: str = ""                 # X-Request-ID, for logs
     frees: list[ShmLoc] = field(default_factory=list)   # engine blocks the sender is done with
     auth: str = ""                       # client → ZMQ frontend: API key or JWT; never forwarded
+    progress: bool = False               # the engine may send `Progress` before the result
+    # W3C traceparent "00-<trace id>-<parent span id>-<flags>" (see TRACING below); "": untraced
+    trace: str = ""
+
+
+# TRACING. A traced Infer or Generate carries `trace` (client → ZMQ frontend: the caller's
+# context, ignored when malformed; frontend → engine: the dispatch span's). The engine then times
+# the request and returns the times with its final reply in `timing`, CLOCK_MONOTONIC
+# microseconds (host-wide, so the frontend places them on its own clock):
+#   InferResult.timing = [received, batch started, ended]      (its batch: batch_size)
+#   Tokens.timing      = [received, first scheduled, first token (0: none), ended,
+#                         steps, prefill steps]                 (the finishing message only)
+# Untraced messages carry neither field (frontends/spans.py turns them into spans).
 
 
 @dataclass(slots=True)
@@ -155,6 +173,7 @@ class InferResult(Message):
     queue_us: int = 0
     compute_us: int = 0
     batch_size: int = 0
+    timing: list[int] | None = None      # see TRACING
 
 
 @dataclass(slots=True)
@@ -170,6 +189,7 @@ class Generate(Message):
     request_id: str = ""
     frees: list[ShmLoc] = field(default_factory=list)
     auth: str = ""                       # client → ZMQ frontend: API key or JWT; never forwarded
+    trace: str = ""                      # see TRACING
 
 
 @dataclass(slots=True)
@@ -185,6 +205,18 @@ class Tokens(Message):
     cached_tokens: int = 0
     # per token, the most likely alternatives as [token_id, logprob] pairs (top_logprobs > 0)
     top_logprobs: list[Any] | None = None
+    timing: list[int] | None = None      # see TRACING
+
+
+@dataclass(slots=True)
+class Progress(Message):
+    """Engine → frontend: one image of an Infer (with `progress` set) finished denoising step
+    `step` of `steps` (the diffusion engine); the InferResult or ErrorReply still ends it."""
+    TYPE: ClassVar[str] = "progress"
+    id: str
+    image: int
+    step: int
+    steps: int
 
 
 @dataclass(slots=True)
@@ -208,6 +240,7 @@ class ErrorReply(Message):
     code: str
     message: str
     param: str | None = None
+    retry_after: float | None = None     # seconds, for 429/503 answers a client may retry
 
 
 @dataclass(slots=True)
@@ -330,25 +363,42 @@ class ControlReply(Message):
 
 
 _REGISTRY: dict[str, type[Message]] = {cls.TYPE: cls for cls in (
-    Infer, InferResult, Generate, Tokens, Cancel, Free, ErrorReply, RegisterRegion,
+    Infer, InferResult, Generate, Tokens, Progress, Cancel, Free, ErrorReply, RegisterRegion,
     UnregisterRegion, RegionReply, Load, Unload, Loaded, StatsQuery, StatsReply, EngineHello,
     Placement, Control, ControlReply, SetLogLevel)}
 
 
 # ---- encode / decode ------------------------------------------------------------------------
 
+_PLAIN, _TENSORS, _FREES, _OUT_SHM, _OPTIONAL = range(5)
+_PLANS: dict[type[Message], tuple[tuple[str, int], ...]] = {}
+
+
+def _plan(cls: type[Message]) -> tuple[tuple[str, int], ...]:
+    """(field name, how it is written) per field, computed once per message type."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = tuple(
+            (f.name, _TENSORS if f.name in cls.TENSOR_FIELDS else _FREES if f.name == "frees"
+             else _OUT_SHM if f.name == "out_shm" else _OPTIONAL if f.name in _OMIT_EMPTY
+             else _PLAIN) for f in fields(cls))
+    return plan
+
+
 def encode(msg: Message, buffers: list[Any] | None = None) -> list[Any]:
     """Frames for `msg`: [header, *buffers]. Buffers are sent as given (zero-copy)."""
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": msg.TYPE}
-    for f in fields(msg):
-        value = getattr(msg, f.name)
-        if f.name in msg.TENSOR_FIELDS:
+    for name, how in _plan(type(msg)):
+        value = getattr(msg, name)
+        if how == _TENSORS:
             value = [t.to_wire() for t in value]
-        elif f.name in ("frees",):
+        elif how == _FREES:
             value = [[s.region, s.offset, s.nbytes] for s in value]
-        elif f.name == "out_shm" and value is not None:
+        elif how == _OUT_SHM and value is not None:
             value = {k: [s.region, s.offset, s.nbytes] for k, s in value.items()}
-        header[f.name] = value
+        elif how == _OPTIONAL and not value:
+            continue
+        header[name] = value
     return [msgpack.packb(header, use_bin_type=True), *(buffers or [])]
 
 
@@ -377,12 +427,15 @@ def _check_field(name: str, annotation: str, value: Any) -> None:
         if typ is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _need(ok, f"field {name!r} must be {base}")
+        if typ is str and name in _MAX_LEN:
+            _need(len(value) <= _MAX_LEN[name], f"field {name!r} is too long")
         if name in _INT_RANGES:
             lo, hi = _INT_RANGES[name]
             _need(lo <= value <= hi, f"field {name!r} must lie in [{lo}, {hi}]")
     elif base.startswith("list[int]"):
         _need(isinstance(value, list) and all(isinstance(x, int) for x in value),
               f"field {name!r} must be a list of int")
+        _need(len(value) <= _MAX_LEN.get(name, len(value)), f"field {name!r} is too long")
     elif base.startswith("list[float]"):
         _need(isinstance(value, list) and all(isinstance(x, (int, float)) for x in value),
               f"field {name!r} must be a list of float")

@@ -20,11 +20,13 @@ from engines.base import ModelSpec, TensorSpec
 
 __all__ = ["ENGINES", "DTYPES", "load_spec", "weights_sha256"]
 
-ENGINES = ("onnx", "llm", "tensorrt")
+ENGINES = ("onnx", "llm", "tensorrt", "torch", "diffusion")
 DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
                     "uint64", "float16", "float32", "float64", "bytes"})   # bytes: BYTES tensors
 # Weights an engine looks for when model.toml names none (the llm engine chooses its own).
-DEFAULT_WEIGHTS = {"onnx": "model.onnx", "tensorrt": "model.plan"}
+# diffusion: a diffusers directory (model_index.json, unet/, ...); its files' SHA-256 is the id.
+DEFAULT_WEIGHTS = {"onnx": "model.onnx", "tensorrt": "model.plan", "torch": "model.pt",
+                   "diffusion": "pipeline"}
 _SCALARS = ("engine", "weights", "max_batch_size", "description")
 _CHUNK = 1 << 20
 

@@ -14,7 +14,6 @@ import secrets
 import signal
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,33 +22,23 @@ import zmq.asyncio
 
 from daemon import metrics
 from daemon import protocol as P
-from daemon.children import Child, backoff_for, reap, spawn, stop_all
-from daemon.config import Config, check_exposure
+from daemon.children import (Child, backoff_for, reap, spawn, spawn_standby, stop_all,
+                             take_over)
+from daemon.config import Config, check_exposure, load_config
+from daemon.control import handle_control
 from daemon.devices import discover_devices
-from daemon.errors import FerryError, InvalidInput, error_from_wire
+from daemon.errors import FerryError, InvalidInput
 from daemon.memory import MemoryLedger, device_budget, estimate_bytes
+from daemon.model_version import ModelVersion
 from daemon.notify import Notifier
+from daemon.replies import PendingReplies
 from daemon.repository import fingerprint, scan, select_versions
+from daemon.repository_spec import load_spec
 from daemon.shm import reclaim, reclaim_orphans
 
 __all__ = ["Supervisor", "ModelVersion"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class ModelVersion:
-    name: str
-    version: int
-    path: Path
-    state: str = "loading"          # loading | ready | draining | failed
-    engines: list[str] = field(default_factory=list)
-    info: dict[str, Any] | None = None
-    sha256: str | None = None
-    engine_kind: str = ""
-    error: str | None = None
-    error_code: tuple[str, int] = ("model_load_failed", 422)
-    fingerprint: tuple = ()
 
 
 class Supervisor:
@@ -60,6 +49,7 @@ class Supervisor:
         self.ctx = zmq.asyncio.Context()
         self.engines: dict[str, Child] = {}
         self.frontends: dict[str, Child] = {}
+        self.standbys: dict[str, Child] = {}     # engine id → its waiting standby process
         self.models: dict[tuple[str, int], ModelVersion] = {}
         self.regions: dict[str, dict[str, Any]] = {}
         self.epoch = 0
@@ -71,9 +61,9 @@ class Supervisor:
         self.reload_event = asyncio.Event()
         self.frontends_ready: set[str] = set()
         self._links: dict[str, zmq.asyncio.Socket] = {}
-        self._replies: dict[str, asyncio.Future] = {}
+        self._replies = PendingReplies()      # engine calls waiting for their reply
         self._pub: zmq.asyncio.Socket | None = None
-        self._lock = asyncio.Lock()
+        self.repository_lock = asyncio.Lock()     # loads, unloads and repository scans
 
     # -- endpoints ---------------------------------------------------------------------------
     def _ipc(self, name: str) -> str:
@@ -122,6 +112,10 @@ class Supervisor:
             tasks.append(asyncio.create_task(self._poll_loop()))
             await self._wait_frontends_ready()
             self._set_state("ready")
+            for child in [*self.engines.values(), *self.frontends.values()]:
+                child.healthy_at = time.monotonic()
+            for eid in self.engines:
+                self._ensure_standby(eid)
             self.notifier.ready(self._status_line())
             log.info("ferry ready: %s", self._status_line())
             while not self.stop_event.is_set():
@@ -186,26 +180,27 @@ class Supervisor:
         try:
             while True:
                 msg, _ = P.decode(await sock.recv_multipart())
-                fut = self._replies.pop(getattr(msg, "id", ""), None)
-                if fut is None or fut.done():
-                    continue
-                if isinstance(msg, P.ErrorReply):
-                    fut.set_exception(error_from_wire({"status": msg.status, "code": msg.code,
-                                                       "message": msg.message}))
-                else:
-                    fut.set_result(msg)
+                self._replies.settle(msg)
         except (asyncio.CancelledError, zmq.ZMQError):
             return
 
     async def engine_call(self, eid: str, msg: P.Message, timeout_s: float = 300.0) -> P.Message:
-        sock = self._links[eid]
-        fut = asyncio.get_running_loop().create_future()
-        self._replies[msg.id] = fut  # type: ignore[attr-defined]
+        fut = await self._engine_send(eid, msg)
         try:
-            await sock.send_multipart(P.encode(msg))
             return await asyncio.wait_for(fut, timeout_s)
         finally:
-            self._replies.pop(msg.id, None)  # type: ignore[attr-defined]
+            self._replies.forget(msg.id)  # type: ignore[attr-defined]
+
+    async def _engine_send(self, eid: str, msg: P.Message) -> asyncio.Future:
+        """Send `msg` to engine `eid`; the future gets its reply. Messages sent one after
+        another reach the engine's compute loop in that order (one pipe, one inbox)."""
+        fut = self._replies.expect(msg.id)  # type: ignore[attr-defined]
+        try:
+            await self._links[eid].send_multipart(P.encode(msg))
+        except BaseException:
+            self._replies.forget(msg.id)  # type: ignore[attr-defined]
+            raise
+        return fut
 
     def _frontend_args(self, **extra: Any) -> dict[str, Any]:
         s = self.cfg.server
@@ -216,7 +211,10 @@ class Supervisor:
                 "log_format": self.cfg.logging.format, "request_timeout_s": s.request_timeout_s,
                 "drain_grace_s": s.drain_grace_s, "max_body": s.max_body_mb << 20,
                 "header_timeout_s": s.header_timeout_s, "body_timeout_s": s.body_timeout_s,
-                "max_connections": s.max_connections,
+                "max_connections": s.max_connections, "workers": s.workers,
+                "resume": {"window_s": s.stream_resume_window_s,
+                           "max_bytes_per_key": s.stream_resume_max_kb_per_key << 10,
+                           "runtime_dir": str(self.cfg.runtime_dir)},
                 "state_dir": str(self.cfg.state_dir), "auth": {
                     "required": self.cfg.auth.required, "allow_ips": list(self.cfg.auth.allow_ips),
                     "jwt_secret_file": self.cfg.auth.jwt_secret_file,
@@ -263,7 +261,7 @@ class Supervisor:
             await asyncio.sleep(0.05)
 
     # -- models ------------------------------------------------------------------------------
-    def _alive_engines(self) -> list[str]:
+    def alive_engines(self) -> list[str]:
         return [eid for eid, c in self.engines.items() if c.meta.get("alive")]
 
     async def apply_repository(self) -> dict[str, Any]:
@@ -271,7 +269,7 @@ class Supervisor:
 
         New versions load and warm before old ones drain, so traffic never lacks a version.
         """
-        async with self._lock:
+        async with self.repository_lock:
             wanted: dict[tuple[str, int], Path] = {}
             for name, versions in scan(self.cfg.model_repository).items():
                 for v, path in select_versions(versions, self.cfg.repository.version_policy).items():
@@ -286,20 +284,20 @@ class Supervisor:
             loads = [k for k in wanted if k not in self.models or self.models[k].state == "failed"
                      or (self.models[k].state == "ready"
                          and self.models[k].fingerprint != fingerprint(wanted[k]))]
-            results = await asyncio.gather(*(self._load(k[0], k[1], wanted[k]) for k in loads))
+            results = await asyncio.gather(*(self.load_version(k[0], k[1], wanted[k])
+                                             for k in loads))
             failed = {k[0] for k, ok in zip(loads, results) if not ok}
             # A model whose new version failed to load keeps serving the versions it has (as
             # Triton does); they go once a version that loads replaces them.
             stale = [k for k in self.models if k not in wanted
                      and (k[0] not in failed or self.models[k].state != "ready")]
-            await self._unload_many(stale)
+            await self.unload_versions(stale)
             return {"loaded": [f"{n}:{v}" for (n, v), ok in zip(loads, results) if ok],
                     "unloaded": [f"{n}:{v}" for n, v in stale]}
 
-    async def _load(self, name: str, version: int, path: Path) -> bool:
+    async def load_version(self, name: str, version: int, path: Path) -> bool:
         """Load (or reload in place) a version on every live engine. A reload keeps serving the
         old weights until the new ones are loaded and warm; the engine swaps them atomically."""
-        from daemon.repository_spec import load_spec
         current = self.models.get((name, version))
         reloading = current is not None and current.state == "ready"
         mv = ModelVersion(name, version, path)
@@ -310,7 +308,7 @@ class Supervisor:
             spec = await asyncio.get_running_loop().run_in_executor(
                 None, load_spec, path, name, version)    # hashing weights must not block
             mv.sha256, mv.engine_kind = spec.sha256, spec.engine
-            targets = self._alive_engines()
+            targets = self.alive_engines()
             self._reserve(f"{name}:{version}", estimate_bytes(spec), targets)
             try:
                 replies = await asyncio.gather(*(self.engine_call(
@@ -339,7 +337,7 @@ class Supervisor:
         self.publish()
         return True
 
-    async def _unload_many(self, keys: list[tuple[str, int]]) -> None:
+    async def unload_versions(self, keys: list[tuple[str, int]]) -> None:
         if not keys:
             return
         for k in keys:
@@ -403,7 +401,12 @@ class Supervisor:
                            "webhook_allow_cidrs": list(auth.webhook_allow_cidrs)},
                   "log_level": self.log_level,
                   "load_shedding": {"max_waiting": self.cfg.server.max_waiting,
-                                    "max_queue_wait_s": self.cfg.server.max_queue_wait_s}}
+                                    "max_queue_wait_s": self.cfg.server.max_queue_wait_s},
+                  "compat": {"root": self.cfg.compat.root,
+                             "text_model": self.cfg.compat.text_model},
+                  "templates": dataclasses.asdict(self.cfg.templates),
+                  "custom_metrics": dataclasses.asdict(self.cfg.custom_metrics),
+                  "tracing": dataclasses.asdict(self.cfg.tracing)}
         models: dict[str, Any] = {}
         for (name, version), mv in sorted(self.models.items()):
             entry = models.setdefault(name, {"versions": {}})
@@ -426,7 +429,7 @@ class Supervisor:
 
     def _status_line(self) -> str:
         ready = sum(1 for m in self.models.values() if m.state == "ready")
-        alive = len(self._alive_engines())
+        alive = len(self.alive_engines())
         return (f"{self.state}: {ready} model version(s) ready, {alive}/{len(self.engines)} "
                 f"engine(s) up")
 
@@ -442,51 +445,118 @@ class Supervisor:
                 elif time.monotonic() >= child.restart_at and self.state != "draining":
                     asyncio.create_task(self._restart_engine(eid, child))
                     child.restart_at = float("inf")
-            for child in self.frontends.values():
-                if child.restart_at is None:
-                    code = reap(child, self.instance)
-                    if code is not None and self.state != "draining":
-                        log.error("%s exited with %s; restarting", child.name, code)
-                        child.restarts += 1
-                        child.restart_at = time.monotonic() + backoff_for(
-                            child, self.cfg.engines.restart_backoff_s)
-                elif time.monotonic() >= child.restart_at and self.state != "draining":
-                    spawn(child, self.instance)
+            for eid, standby in list(self.standbys.items()):
+                if not standby.running() and self.engines[eid].meta.get("alive") \
+                        and self.engines[eid].restart_at is None \
+                        and time.monotonic() - standby.started_at > STANDBY_RETRY_S:
+                    log.warning("the standby of engine %s exited; starting another", eid)
+                    self._ensure_standby(eid)
+            self._watch_frontends()
+
+    def _watch_frontends(self) -> None:
+        for child in self.frontends.values():
+            if child.restart_at is None:
+                code = reap(child, self.instance)
+                if code is None:
+                    if child.healthy_at is None and child.name in self.frontends_ready:
+                        child.healthy_at = time.monotonic()
+                elif self.state != "draining":
+                    delay = backoff_for(child, self.cfg.engines.restart_backoff_s)
+                    log.error("%s exited with %s; restarting in %.2f s", child.name, code,
+                              delay, extra={"backoff_s": delay})
+                    child.restarts += 1
+                    child.restart_at = time.monotonic() + delay
+            elif time.monotonic() >= child.restart_at and self.state != "draining":
+                self.frontends_ready.discard(child.name)   # it says so again once listening
+                spawn(child, self.instance)
 
     def _engine_died(self, eid: str, child: Child, code: int) -> None:
         if self.state == "draining":
             return
-        log.error("engine %s exited with %s; restarting", eid, code)
+        delay = backoff_for(child, self.cfg.engines.restart_backoff_s)
+        log.error("engine %s exited with %s; restarting in %.2f s", eid, code, delay,
+                  extra={"backoff_s": delay})
         child.meta["alive"] = False
+        child.meta["died_at"] = time.monotonic()
         child.restarts += 1
-        child.restart_at = time.monotonic() + backoff_for(child, self.cfg.engines.restart_backoff_s)
+        child.restart_at = time.monotonic() + delay
         self._set_state("degraded")
         self.publish()
         self.notifier.status(self._status_line())
 
     async def _restart_engine(self, eid: str, child: Child) -> None:
-        spawn(child, self.instance)
+        """Bring a dead engine back. It is announced alive (frontends replay what it held) as
+        soon as it answers and has queued the loads of its models, before they finish: each
+        request waits in the engine for its own model only, so tensor models serve again
+        while an LLM is still loading. The daemon is ready again once every load is done."""
+        died = child.meta.get("died_at", time.monotonic())
+        standby = self.standbys.pop(eid, None)
+        if standby is None or not take_over(child, standby):
+            spawn(child, self.instance)
+        timings = {"spawned": time.monotonic() - died}
+        loads: list[tuple[ModelVersion, asyncio.Future]] = []
         try:
             await self._await_engine(eid)
+            timings["answered"] = time.monotonic() - died
             for region in self.regions.values():
                 await self.engine_call(eid, P.RegisterRegion(uuid.uuid4().hex, region["name"],
                                                              region["key"], region["offset"],
                                                              region["nbytes"]))
-            for mv in list(self.models.values()):
-                if eid in mv.engines:
-                    await self.engine_call(eid, P.Load(uuid.uuid4().hex, mv.name, mv.version,
-                                                       str(mv.path)))
-        except FerryError as exc:
-            log.error("engine %s failed to come back: %s", eid, exc.message)
+            hosted = [mv for mv in self.models.values() if eid in mv.engines]
+            for mv in sorted(hosted, key=_load_order):   # cheap tensor models first
+                msg = P.Load(uuid.uuid4().hex, mv.name, mv.version, str(mv.path))
+                loads.append((mv, await self._engine_send(eid, msg)))
+            # answered after every Load was handled: the engine holds requests for them now
+            await self.engine_call(eid, P.StatsQuery(uuid.uuid4().hex), timeout_s=30.0)
+            child.meta["alive"] = True
+            self.publish()
+            timings["announced"] = time.monotonic() - died
+            log.info("engine %s answers (generation %d), %d model load(s) under way; %.2f s "
+                     "after its death", eid, child.generation, len(loads), timings["announced"])
+            for mv, fut in loads:
+                await asyncio.wait_for(fut, 300.0)
+                timings[f"{mv.name}:{mv.version}"] = time.monotonic() - died
+        except (FerryError, asyncio.TimeoutError) as exc:
+            why = exc.message if isinstance(exc, FerryError) else "timed out"
+            log.error("engine %s failed to come back: %s", eid, why)
+            child.meta["alive"] = False
             child.signal(signal.SIGKILL)
             return   # the watch loop sees it die and schedules another restart
-        child.meta["alive"] = True
+        finally:
+            for _, fut in loads:
+                if not fut.done():
+                    fut.cancel()
+            self._replies.prune()      # the cancelled loads' entries
         child.restart_at = None
+        child.healthy_at = time.monotonic()
+        self._ensure_standby(eid)    # after the recovery: it must not compete with the loads
         if all(c.meta.get("alive") for c in self.engines.values()):
             self._set_state("ready")
         self.publish()
         self.notifier.status(self._status_line())
-        log.info("engine %s is back (generation %d)", eid, child.generation)
+        log.info("engine %s is back (generation %d), %.2f s after its death: %s", eid,
+                 child.generation, time.monotonic() - died,
+                 ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()),
+                 extra={"recovery_s": time.monotonic() - died,
+                        "announced_s": timings["announced"]})
+
+    def _ensure_standby(self, eid: str) -> None:
+        """With `[engines] standby`, keep one waiting standby per engine (a dead one is
+        replaced here, on the watch loop's next pass after its engine is up)."""
+        if self.cfg.engines.standby == "off" or self.state == "draining":
+            return
+        current = self.standbys.get(eid)
+        if current is not None and current.running():
+            return
+        if current is not None:
+            reap(current, self.instance)
+        engine = self.engines[eid]
+        hosted = [[mv.name, mv.version, str(mv.path)] for mv in self.models.values()
+                  if eid in mv.engines and mv.state == "ready"]
+        standby = Child(f"standby-{eid}", "standby", {**engine.args, "preload": hosted,
+                                                      "standby": self.cfg.engines.standby})
+        self.standbys[eid] = standby
+        spawn_standby(standby)
 
     async def _poll_loop(self) -> None:
         """control_mode = "poll": apply repository changes (new, removed or changed versions)."""
@@ -515,12 +585,11 @@ class Supervisor:
     async def validate(self, name: str, version: int, path: Path) -> dict[str, Any]:
         """Load a candidate model on one engine under a private name, then unload it: what an
         upload must pass before it becomes visible."""
-        engines = self._alive_engines()
+        engines = self.alive_engines()
         if not engines:
             raise FerryError("no engine is available to validate the model",
                              code="engine_unavailable", status=503)
         probe = f"{name}.validate-{uuid.uuid4().hex[:8]}"
-        from daemon.repository_spec import load_spec
         spec = await asyncio.get_running_loop().run_in_executor(None, load_spec, path, name,
                                                                 version)
         self._reserve(probe, estimate_bytes(spec), engines[:1])   # refuses what cannot fit
@@ -542,7 +611,7 @@ class Supervisor:
             try:
                 await asyncio.gather(*(self.engine_call(eid, P.StatsQuery(uuid.uuid4().hex),
                                                         timeout_s=interval)
-                                       for eid in self._alive_engines()))
+                                       for eid in self.alive_engines()))
             except (asyncio.TimeoutError, FerryError):
                 log.error("an engine did not answer its health check")
                 continue
@@ -552,18 +621,20 @@ class Supervisor:
     async def reload(self) -> None:
         """SIGHUP: re-read the config file and the repository, without dropping requests.
 
-        Applied live: `[repository]`, `[auth]` required / allow_ips / webhook_allow_cidrs and
-        `[server]` max_waiting / max_queue_wait_s (frontends get them with the next placement).
-        Everything else needs a restart and is logged as such."""
+        Applied live: `[repository]`, `[auth]` required / allow_ips / webhook_allow_cidrs,
+        `[server]` max_waiting / max_queue_wait_s, `[compat]` (root, text_model: the frontends
+        choose seed routes per request) and `[tracing]` (frontends get them with the next
+        placement; each change is logged). Everything else needs a restart and is logged as
+        such."""
         self.notifier.reloading()
-        from daemon.config import load_config
         try:
             if self.config_path:
                 new = load_config(self.config_path)
                 # Only the live settings change: a child restarted later must not pick up a new
                 # port or path that the rest of the daemon does not use yet.
                 effective = dataclasses.replace(
-                    self.cfg, repository=new.repository, auth=dataclasses.replace(
+                    self.cfg, repository=new.repository, compat=new.compat,
+                    tracing=new.tracing, auth=dataclasses.replace(
                         self.cfg.auth, **{k: getattr(new.auth, k) for k in _LIVE_AUTH}),
                     server=dataclasses.replace(
                         self.cfg.server, **{k: getattr(new.server, k) for k in _LIVE_SERVER}))
@@ -586,11 +657,13 @@ class Supervisor:
         await asyncio.get_running_loop().run_in_executor(
             None, stop_all, fronts, self.instance, grace + 5.0)
         await asyncio.get_running_loop().run_in_executor(
-            None, stop_all, list(self.engines.values()), self.instance, 10.0)
+            None, stop_all, [*self.engines.values(), *self.standbys.values()], self.instance,
+            10.0)
         return 0
 
     def _shutdown_children(self, timeout_s: float) -> None:
-        stop_all([*self.frontends.values(), *self.engines.values()], self.instance, timeout_s)
+        stop_all([*self.frontends.values(), *self.engines.values(), *self.standbys.values()],
+                 self.instance, timeout_s)
         reclaim(self.instance)
 
     def _cleanup_runtime(self) -> None:
@@ -623,12 +696,24 @@ class Supervisor:
         await sock.send_multipart([identity, *P.encode(reply)])
 
     async def control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        from daemon.control import handle_control
         return await handle_control(self, op, args)
+
+
+# A standby that exited is replaced at most this often (a broken one must not spin).
+STANDBY_RETRY_S = 10.0
+
+# Restart order of a dead engine's models: tensor engines load in a fraction of a second and
+# serve while the LLM and diffusion models (seconds each) are still loading.
+_HEAVY_ENGINES = ("llm", "diffusion")
+
+
+def _load_order(mv: ModelVersion) -> tuple[bool, str, int]:
+    return mv.engine_kind in _HEAVY_ENGINES, mv.name, mv.version
 
 
 _LIVE_AUTH = ("required", "allow_ips", "webhook_allow_cidrs")   # [repository] is live too
 _LIVE_SERVER = ("max_waiting", "max_queue_wait_s")    # load shedding, published with placement
+_LIVE_SECTIONS = ("compat", "tracing")                # wholly live, published with placement
 
 
 def _log_restart_only_changes(old: Config, new: Config) -> None:
@@ -639,6 +724,11 @@ def _log_restart_only_changes(old: Config, new: Config) -> None:
         before, after = getattr(old, section.name), getattr(new, section.name)
         live = {"auth": _LIVE_AUTH, "server": _LIVE_SERVER}.get(section.name, ())
         for f in dataclasses.fields(before):
-            if f.name not in live and getattr(before, f.name) != getattr(after, f.name):
+            if getattr(before, f.name) == getattr(after, f.name):
+                continue
+            if f.name in live or section.name in _LIVE_SECTIONS:
+                log.info("reload: %s.%s = %r, applied now", section.name, f.name,
+                         getattr(after, f.name))
+            else:
                 log.warning("reload: %s.%s changed; it applies at the next restart",
                             section.name, f.name)

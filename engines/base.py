@@ -16,7 +16,7 @@ import numpy as np
 
 __all__ = [
     "TensorSpec", "ModelSpec", "ModelInfo", "TensorRequest", "TensorResult",
-    "GenerateRequest", "TokenOutput", "Engine",
+    "GenerateRequest", "TokenOutput", "ProgressOutput", "Engine",
 ]
 
 
@@ -71,6 +71,18 @@ class TensorRequest:
     outputs: list[str] | None = None      # None: every output
     deadline: float | None = None         # time.monotonic() seconds; CLOCK_MONOTONIC is host-wide
     arrival: float = 0.0                  # time.monotonic() when the engine received it
+    progress: bool = False                # the caller wants ProgressOutput records
+
+
+@dataclass(slots=True)
+class ProgressOutput:
+    """A step of one image of a tensor request that asked for progress (the diffusion engine);
+    the request still ends with its TensorResult."""
+
+    id: str
+    image: int
+    step: int                             # steps done, 1..steps
+    steps: int
 
 
 @dataclass(slots=True)
@@ -89,6 +101,7 @@ class GenerateRequest:
     prompt_ids: list[int]
     params: Any                           # engines.llm.sampling.SamplingParams
     arrival: float = 0.0
+    traced: bool = False                  # time it: its finishing TokenOutput carries `timing`
 
 
 @dataclass(slots=True)
@@ -104,6 +117,9 @@ class TokenOutput:
     cached_tokens: int = 0                # prompt tokens served from the prefix cache
     error: Exception | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None   # per token, best first
+    # a traced request's finishing output: [received, first scheduled, first token (0: none),
+    # ended] in CLOCK_MONOTONIC µs, then steps and prefill steps (daemon/protocol.py TRACING)
+    timing: list[int] | None = None
 
 
 class Engine(abc.ABC):

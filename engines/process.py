@@ -5,7 +5,10 @@ Socket I/O runs on its own thread (`EngineIO`), so the compute loop never touche
     while running: drain_inputs(); step()
 
 Requests reach `EngineHost` decoded; results leave through the I/O thread. Loads run on a
-worker thread so a model being loaded never stalls the models already serving.
+worker thread so a model being loaded never stalls the models already serving. A request for a
+version whose first load is under way is held until that load ends (then served, or refused
+with the load's error): a restarted engine takes traffic as soon as its loads are queued, and
+each model serves the moment it is loaded, the cheap tensor models long before an LLM.
 """
 from __future__ import annotations
 
@@ -27,8 +30,9 @@ from daemon.errors import FerryError, InternalError, InvalidInput, ModelNotFound
 from daemon.process import init_child
 from daemon.repository_spec import load_spec
 from daemon.shm import Arena, RegionMap, pid_alive, segment_name
-from daemon.tensor_bytes import BYTES, from_buffer, to_buffer, wire_dtype
-from engines.base import Engine, GenerateRequest, ModelInfo, TensorRequest, TensorResult, TokenOutput
+from daemon.tensor_bytes import BYTES, decode, encode
+from engines.base import (Engine, GenerateRequest, ModelInfo, ProgressOutput, TensorRequest,
+                          TensorResult, TokenOutput)
 
 __all__ = ["ENGINE_CLASSES", "EngineIO", "EngineHost", "run_engine", "model_info_to_wire"]
 
@@ -38,6 +42,8 @@ ENGINE_CLASSES = {
     "onnx": "engines.onnx.engine:OnnxEngine",
     "llm": "engines.llm.engine:LLMEngine",
     "tensorrt": "engines.tensorrt.engine:TensorRTEngine",
+    "torch": "engines.torch.engine:TorchEngine",
+    "diffusion": "engines.diffusion.engine:DiffusionEngine",
 }
 
 
@@ -107,6 +113,8 @@ class Pending:
     engine: Engine
     out_shm: dict[str, P.ShmLoc] | None
     request_id: str
+    trace: str = ""              # traced (protocol TRACING): its result carries `timing`
+    received: float = 0.0        # time.monotonic() when it arrived
 
 
 class EngineHost:
@@ -122,6 +130,12 @@ class EngineHost:
         self.draining: dict[tuple[str, int], tuple[bytes, str]] = {}
         self.pending: dict[str, Pending] = {}
         self.loads: queue.SimpleQueue = queue.SimpleQueue()
+        # model versions a standby loaded before it became this engine (engines/standby.py),
+        # adopted by the Load that names the same files, the rest dropped after a while
+        self.preloaded: dict[tuple[str, int], Any] = {}
+        self.preloaded_until = 0.0
+        # versions whose first load is under way → the requests waiting for it, in arrival order
+        self.held: dict[tuple[str, int], list[tuple[bytes, P.Message, list[Any]]]] = {}
         self.counters = {"requests": 0, "errors": 0, "results": 0}
         # arena blocks lent to each peer (ZMQ identity) until it sends them back in `frees`;
         # a peer that dies without returning them gets them reclaimed by `sweep_dead_peers`
@@ -142,7 +156,8 @@ class EngineHost:
             msg_id, request_id = getattr(msg, "id", ""), getattr(msg, "request_id", "")
             for loc in getattr(msg, "frees", ()):
                 self._free(loc, identity)
-            self.handlers[msg.TYPE](identity, msg, buffers)
+            if not self._hold(identity, msg, buffers):
+                self.handlers[msg.TYPE](identity, msg, buffers)
         except FerryError as exc:
             self.counters["errors"] += 1
             msg_id = msg_id or P.peek_id(frames)
@@ -154,6 +169,27 @@ class EngineHost:
             self.reply_error(identity, msg_id, InvalidInput(f"unexpected message {exc}",
                                                              code="bad_message"))
 
+    def _hold(self, identity: bytes, msg: P.Message, buffers: list[Any]) -> bool:
+        """Keep a request for a version still loading; True if it was kept."""
+        if not isinstance(msg, (P.Infer, P.Generate)):
+            return False
+        waiting = self.held.get((msg.model, msg.version))
+        if waiting is None:
+            return False
+        waiting.append((identity, msg, buffers))
+        return True
+
+    def _release_held(self, key: tuple[str, int], exc: FerryError | None) -> None:
+        """A load ended: serve what waited for it, or refuse it with the load's error."""
+        for identity, msg, buffers in self.held.pop(key, []):
+            if exc is not None:
+                self.reply_error(identity, msg.id, exc)  # type: ignore[attr-defined]
+                continue
+            try:
+                self.handlers[msg.TYPE](identity, msg, buffers)
+            except FerryError as err:
+                self.reply_error(identity, msg.id, err)  # type: ignore[attr-defined]
+
     def _engine_for(self, model: str, version: int) -> Engine:
         key = (model, version)
         engine = self.engines.get(key)
@@ -161,13 +197,6 @@ class EngineHost:
             raise ModelNotFound(f"model {model!r} version {version} is not loaded on engine "
                                 f"{self.engine_id}")
         return engine
-
-    def _tensor(self, ref: P.TensorRef, buffers: list[Any]) -> np.ndarray:
-        if ref.shm is not None:
-            return self.regions.array(ref)
-        buf = buffers[ref.frame]
-        data = buf.buffer if hasattr(buf, "buffer") else buf
-        return from_buffer(ref.name, ref.dtype, ref.shape, data)
 
     def on_infer(self, identity: bytes, msg: P.Infer, buffers: list[Any]) -> None:
         engine = self._engine_for(msg.model, msg.version)
@@ -177,12 +206,12 @@ class EngineHost:
         for ref in msg.inputs:
             if ref.name in inputs:
                 raise InvalidInput(f"input {ref.name!r} given twice", code="invalid_input")
-            inputs[ref.name] = self._tensor(ref, buffers)
+            inputs[ref.name] = decode(ref, buffers, self.regions)
         now = time.monotonic()
         deadline = now + msg.timeout_ms / 1000 if msg.timeout_ms > 0 else None
-        engine.submit(TensorRequest(msg.id, inputs, msg.outputs, deadline, now))
+        engine.submit(TensorRequest(msg.id, inputs, msg.outputs, deadline, now, msg.progress))
         self.pending[msg.id] = Pending(identity, (msg.model, msg.version), engine, msg.out_shm,
-                                       msg.request_id)
+                                       msg.request_id, msg.trace, now)
         self.counters["requests"] += 1
 
     def on_generate(self, identity: bytes, msg: P.Generate, buffers: list[Any]) -> None:
@@ -191,21 +220,24 @@ class EngineHost:
             raise InvalidInput(f"request id {msg.id!r} is already in flight", code="duplicate_id")
         if len(msg.prompt) != 1:
             raise InvalidInput("generate needs exactly one prompt tensor", code="bad_message")
-        ids = self._tensor(msg.prompt[0], buffers).reshape(-1).tolist()
+        ids = decode(msg.prompt[0], buffers, self.regions).reshape(-1).tolist()
         from engines.llm.sampling import SamplingParams   # lazy: tensor-only engines skip torch
         try:
             params = SamplingParams(**msg.params)
         except TypeError as exc:
             raise InvalidInput(f"bad sampling parameters: {exc}", code="invalid_parameter")
-        engine.submit(GenerateRequest(msg.id, ids, params, time.monotonic()))
+        now = time.monotonic()
+        engine.submit(GenerateRequest(msg.id, ids, params, now, traced=bool(msg.trace)))
         self.pending[msg.id] = Pending(identity, (msg.model, msg.version), engine, None,
-                                       msg.request_id)
+                                       msg.request_id, msg.trace, now)
         self.counters["requests"] += 1
 
     def on_cancel(self, identity: bytes, msg: P.Cancel, _b: list[Any]) -> None:
         pend = self.pending.get(msg.id)
-        if pend is None:
-            return   # already finished: cancel is idempotent
+        if pend is None:   # already finished (cancel is idempotent), or still held
+            for waiting in self.held.values():
+                waiting[:] = [w for w in waiting if w[1].id != msg.id]  # type: ignore[attr-defined]
+            return
         self.emit(pend.engine.cancel(msg.id))
 
     def on_free(self, _identity: bytes, msg: P.Free, _b: list[Any]) -> None:
@@ -250,12 +282,26 @@ class EngineHost:
         self.io.send(identity, P.encode(P.ControlReply(msg.id, True, {"level": msg.level})))
 
     def on_load(self, identity: bytes, msg: P.Load, _b: list[Any]) -> None:
+        key = (msg.name, msg.version)
+        if key not in self.engines:   # an in-place reload keeps serving the old weights
+            self.held.setdefault(key, [])
+        started = time.monotonic()
+        ready = self.preloaded.pop(key, None)
+        if ready is not None and ready.matches(Path(msg.path)):
+            log.info("adopted %s v%d, loaded by the standby", msg.name, msg.version)
+            self.loads.put((identity, msg, ready.engine, ready.info, None))
+            return
+        if ready is not None:
+            ready.engine.unload()
+
         def work() -> None:
             try:
                 spec = load_spec(Path(msg.path), msg.name, msg.version)
                 module, _, cls_name = ENGINE_CLASSES[spec.engine].partition(":")
                 engine: Engine = getattr(importlib.import_module(module), cls_name)()
                 info = engine.load(spec, self.device)
+                log.info("loaded %s v%d (%s) in %.2f s", msg.name, msg.version, spec.engine,
+                         time.monotonic() - started, extra={"load_s": time.monotonic() - started})
                 self.loads.put((identity, msg, engine, info, None))
             except FerryError as exc:
                 self.loads.put((identity, msg, None, None, exc))
@@ -272,10 +318,11 @@ class EngineHost:
                 identity, msg, engine, info, exc = self.loads.get_nowait()
             except queue.Empty:
                 return
+            key = (msg.name, msg.version)
             if exc is not None:
                 self.reply_error(identity, msg.id, exc)
+                self._release_held(key, exc)
                 continue
-            key = (msg.name, msg.version)
             old = self.engines.get(key)
             self.engines[key] = engine
             if old is not None:   # an in-place reload: the old one finishes what it holds
@@ -283,6 +330,7 @@ class EngineHost:
             log.info("loaded %s v%d on %s", msg.name, msg.version, self.engine_id)
             self.io.send(identity, P.encode(P.Loaded(msg.id, msg.name, msg.version,
                                                      model_info_to_wire(info))))
+            self._release_held(key, None)
 
     def on_unload(self, identity: bytes, msg: P.Unload, _b: list[Any]) -> None:
         key = (msg.name, msg.version)
@@ -311,6 +359,7 @@ class EngineHost:
         models = {f"{name}:{ver}": eng.stats() for (name, ver), eng in self.engines.items()}
         stats = {"engine": self.engine_id, "device": self.device, "pid": os.getpid(),
                  "pending": len(self.pending), "models": models, **self.counters,
+                 "loading": [f"{name}:{ver}" for name, ver in self.held],
                  "arena": {"name": self.arena.name, "size": self.arena.size,
                            "used": self.arena.used_bytes, "blocks": self.arena.live_blocks,
                            "high_water": self.arena.high_water}}
@@ -321,10 +370,14 @@ class EngineHost:
         self.io.send(identity, P.encode(P.ErrorReply(msg_id, exc.status, exc.code, exc.message,
                                                      exc.param)))
 
-    def emit(self, results: list[TensorResult | TokenOutput]) -> None:
+    def emit(self, results: list[TensorResult | TokenOutput | ProgressOutput]) -> None:
         for res in results:
             pend = self.pending.get(res.id)
             if pend is None:
+                continue
+            if isinstance(res, ProgressOutput):     # not the end: the result follows
+                self.io.send(pend.identity, P.encode(P.Progress(res.id, res.image, res.step,
+                                                                res.steps)))
                 continue
             done = not isinstance(res, TokenOutput) or res.finished
             if done:
@@ -342,7 +395,8 @@ class EngineHost:
                     None if res.logprobs is None else [float(x) for x in res.logprobs],
                     res.finished, res.finish_reason, res.prompt_tokens, res.cached_tokens,
                     None if res.top_logprobs is None else
-                    [[[int(t), float(lp)] for t, lp in top] for top in res.top_logprobs])))
+                    [[[int(t), float(lp)] for t, lp in top] for top in res.top_logprobs],
+                    res.timing)))
             else:
                 self._send_result(pend, res)
             self.counters["results"] += 1
@@ -351,8 +405,7 @@ class EngineHost:
         refs, frames = [], []
         try:
             for name, arr in (res.outputs or {}).items():
-                ref = P.TensorRef(name, wire_dtype(arr), tuple(np.shape(arr)))
-                arr = to_buffer(arr)   # BYTES serialized; keeps 0-d outputs 0-d
+                ref, arr = encode(name, arr)   # BYTES serialized; keeps 0-d outputs 0-d
                 target = (pend.out_shm or {}).get(name)
                 if target is not None:
                     # BYTES may use less of its region than it reserved (Triton's form too)
@@ -382,6 +435,9 @@ class EngineHost:
             self.lent.setdefault(pend.identity, set()).update(lent)
         msg = P.InferResult(res.id, refs, int(res.queue_s * 1e6), int(res.compute_s * 1e6),
                             res.batch_size)
+        if pend.trace:      # protocol TRACING: [received, batch started, ended]
+            msg.timing = [int(pend.received * 1e6), int((pend.received + res.queue_s) * 1e6),
+                          int(time.monotonic() * 1e6)]
         self.io.send(pend.identity, P.encode(msg, frames))
 
     def _try_put(self, ref: P.TensorRef, arr: np.ndarray) -> bool:
@@ -408,6 +464,11 @@ class EngineHost:
         self.finish_loads()
         if self.draining or self.retiring:
             self.finish_unloads()
+        if self.preloaded and time.monotonic() > self.preloaded_until:
+            for key, ready in self.preloaded.items():   # no Load claimed them: not wanted
+                log.info("dropping %s v%d, loaded by the standby but not asked for", *key)
+                ready.engine.unload()
+            self.preloaded.clear()
         return worked
 
     def _fail_all(self, key: tuple[str, int], exc: Exception) -> list[TensorResult]:
@@ -425,12 +486,11 @@ class EngineHost:
         return max(0.0, min(hints)) if hints else 0.05
 
 
-def run_engine(args: dict[str, Any]) -> int:
+def run_engine(args: dict[str, Any], preloaded: dict[tuple[str, int], Any] | None = None
+               ) -> int:
     state = init_child(f"engine-{args['engine_id']}", parent_pid=args["parent_pid"],
                        log_level=args.get("log_level", "info"),
                        log_format=args.get("log_format", "json"))
-    if args.get("threads"):
-        os.environ.setdefault("OMP_NUM_THREADS", str(args["threads"]))
     ctx = zmq.Context()
     arena = Arena(segment_name(args["instance"], f"eng{args['engine_id']}"),
                   args["arena_mb"] << 20)
@@ -439,6 +499,8 @@ def run_engine(args: dict[str, Any]) -> int:
         io = EngineIO(ctx, args["endpoint"], inbox)
         host = EngineHost(args["engine_id"], args["device"], io, arena,
                           RegionMap(args["instance"]), args["inline_threshold"])
+        host.preloaded = dict(preloaded or {})
+        host.preloaded_until = time.monotonic() + PRELOAD_CLAIM_S
         io.start()
         log.info("engine %s on %s listening at %s", args["engine_id"], args["device"],
                  args["endpoint"])
@@ -452,6 +514,10 @@ def run_engine(args: dict[str, Any]) -> int:
     finally:
         arena.close(unlink=True)
         ctx.destroy(linger=0)
+
+
+# How long a taken-over standby keeps model versions no Load has claimed yet.
+PRELOAD_CLAIM_S = 60.0
 
 
 def _peer_alive(identity: bytes) -> bool:

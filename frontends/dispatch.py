@@ -2,9 +2,21 @@
 
 Each frontend process talks to every engine directly (DEALER → engine ROUTER over ipc://), with
 no broker hop. The supervisor publishes `Placement` on a PUB socket; when an engine's generation
-changes (it died and was restarted) the link is rebuilt and every request it held is sent again,
-unless it is a stream that already delivered tokens (that one ends with a clear error). A request
-id is answered at most once: replies for ids no longer in flight are dropped.
+changes (it died and was restarted) the link is rebuilt and every request it held is sent again.
+
+A generation that already delivered tokens is continued, not restarted (mid-stream failover):
+it goes to the restarted engine as prompt + the tokens delivered so far, with `resume` set to
+their number (engines/llm/sampling.py), so the engine counts them as output (max_tokens, the
+penalties, the grammar, which it re-advances over them, and the seed's positions) and the
+continuation draws what the uninterrupted run would have: greedy and seeded streams continue
+token for token. The stream's consumer sees one uninterrupted run: stop strings, the
+detokenizer and usage live in the frontend and carry across; the continuation's prompt and
+cached counts are not counted again. A stream is continued at most `max_failovers` times, and
+only while its model version is still served; otherwise it ends with a clear `engine_died`.
+A request id is answered at most once: replies for ids no longer in flight are dropped.
+
+Reading a placement (which version a name or SHA-256 id means, which engine serves it) is
+frontends/placement.py; a call to the supervisor's control socket, frontends/control_client.py.
 """
 from __future__ import annotations
 
@@ -22,16 +34,24 @@ import zmq.asyncio
 
 from daemon import metrics
 from daemon import protocol as P
-from daemon.errors import (EngineDied, FerryError, ModelNotFound, ModelUnavailable,
-                           error_from_wire)
+from daemon.errors import (Cancelled, DeadlineExceeded, EngineDied, FerryError, ModelNotFound,
+                           ModelUnavailable)
+from daemon.replies import PendingReplies, error_of
 from daemon.shm import Arena, RegionMap
+from frontends.control_client import call_supervisor
 from frontends.load_shed import LoadShedder
+from frontends.placement import pick_engine, resolve_in, sha_index
+from frontends.spans import DispatchSpan
 from frontends.tensor_io import Packed, pack, unpack
 from frontends.zmq_reader import LoopSocket
 
-__all__ = ["Dispatcher", "InferOutcome", "Stream"]
+__all__ = ["Dispatcher", "InferOutcome", "Stream", "MAX_FAILOVERS"]
 
 log = logging.getLogger(__name__)
+
+# A stream whose engine died this many times is not continued again (a request that crashes
+# its engine would otherwise take it down forever).
+MAX_FAILOVERS = 3
 
 
 @dataclass(slots=True)
@@ -62,6 +82,13 @@ class _Req:
     tokens_seen: int = 0
     timer: metrics.StreamTimer | None = None   # generations: TTFT / inter-token latency
     deadline: asyncio.TimerHandle | None = None  # generations: ends the stream at the deadline
+    # generations, for failover: the client's prompt and params, the tokens delivered so far
+    prompt: list[int] | None = None
+    params: dict[str, Any] | None = None
+    generated: list[int] = field(default_factory=list)
+    failovers: int = 0                           # times it was continued on a new engine
+    trace: DispatchSpan | None = None            # traced requests: the dispatch span
+    on_progress: Callable[[P.Progress], None] | None = None   # infers that asked for progress
 
 
 @dataclass(slots=True)
@@ -111,6 +138,7 @@ class Dispatcher:
         self.ctx = ctx
         # server.request_timeout_s: how long a generation may run when its caller sets no limit
         self.request_timeout_s = request_timeout_s
+        self.max_failovers = MAX_FAILOVERS
         # request-path sockets: see LoopSocket
         self.sync_ctx: zmq.SyncContext = zmq.Context.shadow(ctx.underlying)
         self.placement_endpoint, self.control_endpoint = placement_endpoint, control_endpoint
@@ -120,7 +148,7 @@ class Dispatcher:
         self.placement_changed = asyncio.Event()
         self.links: dict[str, _Link] = {}
         self.inflight: dict[str, _Req] = {}
-        self.replies: dict[str, asyncio.Future] = {}
+        self.replies = PendingReplies()     # engine-level calls (stats, regions)
         self._tasks: list[asyncio.Task] = []
         self._sha_index: dict[str, tuple[str, int]] = {}
         self._sub: zmq.Socket | None = None
@@ -195,12 +223,7 @@ class Dispatcher:
                     listener(msg.config)
                 except Exception:      # a listener's bug must not stop placement updates
                     log.exception("applying reloaded settings failed")
-        index: dict[str, tuple[str, int]] = {}
-        for name, m in msg.models.items():
-            for ver, v in m.get("versions", {}).items():
-                if v.get("sha256"):
-                    index[v["sha256"]] = (name, int(ver))
-        self._sha_index = index
+        self._sha_index = sha_index(msg)
         self._sync_regions(msg.regions)
         # the arenas of engines that died or were replaced stay mapped until forgotten
         self.regions.forget_own({f"{self.engine_prefix}{eid}-{e.get('pid')}"
@@ -216,6 +239,7 @@ class Dispatcher:
                 self._open_link(link)
                 self._replay(link)
             link.alive = bool(e["alive"])
+        self._drop_orphans(msg)
         self.placement_changed.set()
 
     def _open_link(self, link: _Link) -> None:
@@ -243,11 +267,60 @@ class Dispatcher:
             if req.engine != link.engine:
                 continue
             if req.tokens_seen:
-                self._fail(req, EngineDied("the engine restarted after this stream began; "
-                                           "partial output was delivered"))
-                continue
-            log.info("replaying request %s on restarted engine %s", req.id, link.engine)
+                why = self._cannot_continue(req, link.engine)
+                if why:
+                    self._fail(req, EngineDied(f"the engine restarted during this stream, "
+                                               f"after {req.tokens_seen} tokens; {why}"))
+                    continue
+                self._continuation(req)
+                log.info("continuing stream %s on restarted engine %s after %d tokens "
+                         "(failover %d)", req.id, link.engine, req.tokens_seen, req.failovers)
+            else:
+                log.info("replaying request %s on restarted engine %s", req.id, link.engine)
             self._send(link, req)
+
+    def _cannot_continue(self, req: _Req, engine: str) -> str:
+        """Why `req`, a stream that delivered tokens, cannot go on on `engine` ('' if it can)."""
+        if req.prompt is None or req.params is None:
+            return "it cannot be continued"
+        if req.failovers >= self.max_failovers:
+            return (f"it was already continued {req.failovers} times and is not continued "
+                    "again")
+        pl = self.placement
+        v = (pl.models.get(req.key[0], {}).get("versions", {}).get(str(req.key[1]))
+             if pl is not None else None)
+        if v is None or v.get("state") != "ready" or engine not in v.get("engines", []):
+            return (f"model {req.key[0]!r} version {req.key[1]} is no longer served there, so "
+                    "the stream cannot be continued")
+        return ""
+
+    def _continuation(self, req: _Req) -> None:
+        """Turn `req` into its continuation: prompt + delivered tokens, `resume` = their count."""
+        assert req.prompt is not None and req.params is not None
+        old = req.msg
+        assert isinstance(old, P.Generate)
+        ids = np.asarray(req.prompt + req.generated, dtype=np.int32)
+        ref = P.TensorRef("prompt", "int32", (len(ids),), frame=0)
+        req.msg = P.Generate(req.id, old.model, old.version, [ref],
+                             {**req.params, "resume": len(req.generated)}, old.request_id,
+                             trace=old.trace)
+        req.buffers = [ids]
+        req.failovers += 1
+
+    def _drop_orphans(self, pl: P.Placement) -> None:
+        """End the streams waiting for a dead engine whose model version is gone: no restart
+        will continue them."""
+        for req in list(self.inflight.values()):
+            if not req.tokens_seen:
+                continue
+            link = self.links.get(req.engine)
+            if link is not None and link.alive:
+                continue
+            if str(req.key[1]) not in pl.models.get(req.key[0], {}).get("versions", {}):
+                self._fail(req, EngineDied(
+                    f"the engine died during this stream, after {req.tokens_seen} tokens, and "
+                    f"model {req.key[0]!r} version {req.key[1]} is no longer served, so the "
+                    "stream cannot be continued"))
 
     # -- model resolution --------------------------------------------------------------------
     def resolve(self, model: str, version: int | None = None) -> tuple[str, int, dict]:
@@ -262,31 +335,7 @@ class Dispatcher:
             return self._resolve(model, version)
 
     def _resolve(self, model: str, version: int | None) -> tuple[str, int, dict]:
-        pl = self.placement
-        if pl is None:
-            raise ModelUnavailable("the daemon is starting")
-        if model not in pl.models and model in self._sha_index:
-            model, sha_ver = self._sha_index[model]
-            version = sha_ver if version is None else version
-        entry = pl.models.get(model)
-        if entry is None:
-            # Triton's wording: its clients and examples match "Request for unknown model"
-            raise ModelNotFound(f"Request for unknown model: {model!r} is not found",
-                                param="model")
-        versions = entry.get("versions", {})
-        if version is None:
-            ready = [int(v) for v, d in versions.items() if d.get("state") == "ready"]
-            if not ready:
-                raise ModelUnavailable(f"model {model!r} has no ready version")
-            version = max(ready)
-        v = versions.get(str(version))
-        if v is None:
-            raise ModelNotFound(f"Request for unknown model: {model!r} version {version} is "
-                                "not found", param="version")
-        if v.get("state") != "ready":
-            raise ModelUnavailable(f"model {model!r} version {version} is {v.get('state')}")
-        metrics.note_model(model)
-        return model, version, v["info"]
+        return resolve_in(self.placement, self._sha_index, model, version)
 
     async def resolve_fresh(self, model: str, version: int | None = None
                             ) -> tuple[str, int, dict]:
@@ -301,13 +350,7 @@ class Dispatcher:
 
     def _pick_engine(self, key: tuple[str, int]) -> _Link:
         assert self.placement is not None
-        v = self.placement.models[key[0]]["versions"][str(key[1])]
-        candidates = [self.links[e] for e in v.get("engines", []) if e in self.links]
-        if not candidates:
-            raise ModelUnavailable(f"no engine hosts {key[0]!r} version {key[1]}")
-        alive = [l for l in candidates if l.alive]
-        pool = alive or candidates      # a restarting engine still takes requests: they wait
-        return min(pool, key=lambda l: l.outstanding)
+        return pick_engine(self.placement, self.links, key)
 
     # -- requests -----------------------------------------------------------------------------
     def _send(self, link: _Link, req: _Req) -> None:
@@ -332,6 +375,8 @@ class Dispatcher:
     def _finish(self, req: _Req) -> None:
         if self.inflight.pop(req.id, None) is None:
             return
+        if req.trace is not None:
+            req.trace.finish()
         link = self.links.get(req.engine)
         if link is not None:
             link.outstanding -= 1
@@ -343,6 +388,8 @@ class Dispatcher:
             req.packed.blocks.clear()
 
     def _fail(self, req: _Req, exc: FerryError) -> None:
+        if req.trace is not None:
+            req.trace.error = exc.code
         self._finish(req)
         if req.future is not None and not req.future.done():
             req.future.set_exception(exc)
@@ -352,7 +399,11 @@ class Dispatcher:
     async def infer(self, model: str, version: int | None, arrays: dict[str, np.ndarray], *,
                     outputs: list[str] | None = None, timeout_s: float | None = None,
                     request_id: str = "", region_refs: list[P.TensorRef] = (),  # type: ignore[assignment]
-                    out_shm: dict[str, P.ShmLoc] | None = None) -> InferOutcome:
+                    out_shm: dict[str, P.ShmLoc] | None = None,
+                    on_progress: Callable[[P.Progress], None] | None = None) -> InferOutcome:
+        """Run a tensor model. With `on_progress`, the engine's `Progress` messages (diffusion
+        steps) are handed to it as they arrive, on the reply path the result takes. Cancelling
+        the awaiting task cancels the request in the engine, which frees its slot."""
         for ref in region_refs:
             assert ref.shm is not None
             self.regions.check_client(ref.shm.region)
@@ -363,9 +414,14 @@ class Dispatcher:
         packed = pack(arrays, self.arena, self.inline_threshold, list(region_refs))
         rid = uuid.uuid4().hex
         msg = P.Infer(rid, name, ver, packed.refs, outputs,
-                      int(timeout_s * 1000) if timeout_s else 0, out_shm, request_id)
+                      int(timeout_s * 1000) if timeout_s else 0, out_shm, request_id,
+                      progress=on_progress is not None)
         future = asyncio.get_running_loop().create_future()
-        req = _Req(rid, link.engine, (name, ver), msg, packed.frames, packed, future=future)
+        req = _Req(rid, link.engine, (name, ver), msg, packed.frames, packed, future=future,
+                   on_progress=on_progress)
+        trace = DispatchSpan.begin(link.engine, name, ver)   # None unless the task is traced
+        if trace is not None:
+            msg.trace, req.trace = trace.traceparent, trace
         self._register(req)
         # A timer rather than asyncio.wait_for: no extra task on the request path. The engine
         # enforces the deadline itself; this only guards against an engine that never answers.
@@ -374,7 +430,7 @@ class Dispatcher:
         try:
             result, buffers = await future
         except asyncio.CancelledError:
-            self._finish(req)
+            self._cancel_in_engine(req)
             raise
         finally:
             if timer is not None:
@@ -405,7 +461,11 @@ class Dispatcher:
         ref = P.TensorRef("prompt", "int32", (len(prompt_ids),), frame=0)
         msg = P.Generate(rid, name, ver, [ref], params, request_id)
         req = _Req(rid, link.engine, (name, ver), msg, [prompt], None, queue=asyncio.Queue(),
-                   timer=metrics.StreamTimer(name, len(prompt_ids)))
+                   timer=metrics.StreamTimer(name, len(prompt_ids)),
+                   prompt=[int(t) for t in prompt_ids], params=dict(params))
+        trace = DispatchSpan.begin(link.engine, name, ver)
+        if trace is not None:
+            msg.trace, req.trace = trace.traceparent, trace
         self._register(req)
         limit = timeout_s or self.request_timeout_s
         if limit:
@@ -416,8 +476,8 @@ class Dispatcher:
     def _expire(self, req: _Req, why: str = "") -> None:
         if req.id in self.inflight:
             link = self.links.get(req.engine)
-            self._fail(req, FerryError(why or f"no reply from engine {req.engine} in time",
-                                       code="deadline_exceeded", status=504))
+            self._fail(req, DeadlineExceeded(why or f"no reply from engine {req.engine} in "
+                                             "time"))
             if link is not None and link.sock is not None and link.alive:
                 link.sock.send(P.encode(P.Cancel(req.id)))
 
@@ -425,23 +485,30 @@ class Dispatcher:
         req = self.inflight.get(rid)
         if req is None:
             return
+        self._fail(req, Cancelled("cancelled"))
+        self._send_cancel(req)
+
+    def _cancel_in_engine(self, req: _Req) -> None:
+        """An infer whose caller went away: forget it here and free its slot in the engine."""
+        if req.id in self.inflight:
+            self._finish(req)
+            self._send_cancel(req)
+
+    def _send_cancel(self, req: _Req) -> None:
         link = self.links.get(req.engine)
-        self._fail(req, FerryError("cancelled", code="cancelled", status=499))
         if link is not None and link.sock is not None and link.alive:
-            link.sock.send(P.encode(P.Cancel(rid)))
+            link.sock.send(P.encode(P.Cancel(req.id)))
 
     # -- engine-level calls (stats, regions) ---------------------------------------------------
     async def call_engine(self, engine: str, msg: P.Message, timeout_s: float = 5.0) -> P.Message:
         link = self.links.get(engine)
         if link is None or link.sock is None or not link.alive:
             raise EngineDied(f"engine {engine} is not available")
-        fut = asyncio.get_running_loop().create_future()
-        self.replies[msg.id] = fut  # type: ignore[attr-defined]
-        try:
-            link.sock.send(P.encode(msg))
-            return await asyncio.wait_for(fut, timeout_s)
-        finally:
-            self.replies.pop(msg.id, None)  # type: ignore[attr-defined]
+        sock = link.sock
+        msg_id: str = msg.id  # type: ignore[attr-defined]
+        reply: P.Message = await self.replies.call(msg_id, lambda: sock.send(P.encode(msg)),
+                                                   timeout_s)
+        return reply
 
     async def engine_stats(self) -> list[dict[str, Any]]:
         out = []
@@ -496,25 +563,12 @@ class Dispatcher:
     async def control(self, op: str, args: dict[str, Any] | None = None,
                       timeout_s: float = 120.0) -> dict[str, Any]:
         """Ask the supervisor (repository load/unload, index, reload)."""
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.control_endpoint)
-        try:
-            await sock.send_multipart(P.encode(P.Control(uuid.uuid4().hex, op, args or {})))
-            if not await sock.poll(int(timeout_s * 1000)):
-                raise FerryError("the supervisor did not answer", code="supervisor_timeout",
-                                 status=504)
-            reply, _ = P.decode(await sock.recv_multipart())
-        finally:
-            sock.close(0)
-        if not isinstance(reply, P.ControlReply):
-            raise FerryError("unexpected reply from the supervisor", code="internal_error")
-        if not reply.ok:
-            raise error_from_wire(reply.error or {})
-        epoch = reply.result.get("epoch") if isinstance(reply.result, dict) else None
+        result = await call_supervisor(self.ctx, self.control_endpoint, op, args or {},
+                                       timeout_s)
+        epoch = result.get("epoch") if isinstance(result, dict) else None
         if isinstance(epoch, int) and not isinstance(epoch, bool):
             await self._await_epoch(epoch)
-        return reply.result
+        return result
 
     async def _await_epoch(self, epoch: int, timeout_s: float = 5.0) -> None:
         """Read your writes: after a load or unload, answer once this worker routes by the
@@ -531,28 +585,38 @@ class Dispatcher:
         self._on_reply(msg, buffers)
 
     def _on_reply(self, msg: P.Message, buffers: list[Any]) -> None:
-        rid = getattr(msg, "id", "")
-        fut = self.replies.get(rid)
-        if fut is not None:
-            if isinstance(msg, P.ErrorReply):
-                fut.set_exception(error_from_wire(_err_dict(msg)))
-            elif not fut.done():
-                fut.set_result(msg)
+        if self.replies.settle(msg):
             return
-        req = self.inflight.get(rid)
+        req = self.inflight.get(getattr(msg, "id", ""))
         if req is None:
             return   # answered already (cancelled, timed out, or replayed): never twice
         if isinstance(msg, P.ErrorReply):
-            self._fail(req, error_from_wire(_err_dict(msg)))
+            err = error_of(msg)
+            if req.failovers and req.tokens_seen:
+                err = EngineDied(f"the engine restarted during this stream, after "
+                                 f"{req.tokens_seen} tokens, and the stream could not be "
+                                 f"continued: {err.message}")
+            self._fail(req, err)
+        elif isinstance(msg, P.Progress):
+            if req.on_progress is not None:
+                req.on_progress(msg)
         elif isinstance(msg, P.InferResult) and req.future is not None:
+            if req.trace is not None:
+                req.trace.reply = msg
             self._finish(req)
             if not req.future.done():
                 req.future.set_result((msg, buffers))
         elif isinstance(msg, P.Tokens) and req.queue is not None:
+            if req.failovers and msg.prompt_tokens:
+                # a continuation's first message: its prompt was counted by the first run
+                msg.prompt_tokens = msg.cached_tokens = 0
             req.tokens_seen += len(msg.token_ids)
+            req.generated.extend(msg.token_ids)
             if req.timer is not None:
                 req.timer.tokens(msg)
             if msg.finished:
+                if req.trace is not None:
+                    req.trace.reply = msg
                 self._finish(req)
             req.queue.put_nowait(msg)
 
@@ -565,6 +629,3 @@ class Dispatcher:
                     frees, link.frees = link.frees, []
                     link.sock.send(P.encode(P.Free(frees)))
 
-
-def _err_dict(msg: P.ErrorReply) -> dict[str, Any]:
-    return {"status": msg.status, "code": msg.code, "message": msg.message, "param": msg.param}

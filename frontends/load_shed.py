@@ -8,7 +8,7 @@ join a queue whose head has already waited the limit, is refused with 429 `overl
 `Retry-After`, which a router of the field (vllm-router, sglang-router, llm-d) takes as "try
 another host". Nothing was sent to the engine, so no KV block was taken. HTTP (JSON, SSE,
 WebSocket), ZMQ and batch items all start generations through the dispatcher; batch items
-wait and retry rather than fail (daemon/batch_runner.py).
+wait and retry rather than fail (frontends/http/batch_runner.py).
 
 Every worker judges by a snapshot of the engine's own stats (its queue, running batch and
 batch limit), refreshed in the background once it is older than `FRESH_S` and awaited when
@@ -134,9 +134,15 @@ class LoadShedder:
             reply = await self.call(engine, P.StatsQuery(uuid.uuid4().hex),
                                     timeout_s=QUERY_TIMEOUT_S)
             stats = getattr(reply, "stats", {})
-        except (FerryError, asyncio.TimeoutError) as exc:
+        except asyncio.TimeoutError:
+            log.debug("no load snapshot of engine %s in time; keeping the last", engine)
+            return      # a busy engine: its last queue is still the best evidence
+        except FerryError as exc:
+            # The engine is gone (dead or restarting): the queue it had is no evidence of the
+            # next one's, and refusing by it would answer 429 "queue full" for a host whose
+            # trouble is a 503. Judge nothing until it answers again.
             log.debug("no load snapshot of engine %s: %s", engine, exc)
-            return
+            stats = {}
         finally:
             snap.refreshing = None
         snap.asked_at, snap.models = asked, stats.get("models", {})

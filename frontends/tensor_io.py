@@ -1,4 +1,5 @@
-"""Packing numpy arrays into protocol tensor references and reading them back.
+"""Where the frontends' tensors travel: inline frames or the sender's shared-memory arena.
+The bytes themselves are encoded and decoded by the tensor codec (daemon/tensor_bytes.py).
 
 Small tensors travel as inline frames (zero-copy sends); tensors of at least `inline_threshold`
 bytes are copied once into the sender's shared-memory arena and travel by reference. When the
@@ -14,9 +15,9 @@ import numpy as np
 from daemon import protocol as P
 from daemon.errors import FerryError, InvalidInput
 from daemon.shm import Arena, RegionMap
-from daemon.tensor_bytes import from_buffer, to_buffer, wire_dtype
+from daemon.tensor_bytes import check_dtype, decode, encode
 
-__all__ = ["Packed", "pack", "unpack", "check_dtype"]
+__all__ = ["Packed", "pack", "unpack"]
 
 
 @dataclass(slots=True)
@@ -24,14 +25,6 @@ class Packed:
     refs: list[P.TensorRef]
     frames: list[Any]
     blocks: list[P.ShmLoc] = field(default_factory=list)   # sender-arena blocks to free later
-
-
-def check_dtype(name: str, arr: np.ndarray) -> None:
-    # an object array travels as BYTES only when every element is bytes or str
-    if wire_dtype(arr) not in P.DTYPES or arr.dtype == object and not all(
-            isinstance(v, (bytes, str)) for v in arr.reshape(-1)):
-        raise InvalidInput(f"input {name!r}: dtype {arr.dtype} cannot be sent",
-                           code="invalid_dtype", param=name)
 
 
 def pack(arrays: dict[str, np.ndarray], arena: Arena | None, inline_threshold: int,
@@ -46,8 +39,7 @@ def pack(arrays: dict[str, np.ndarray], arena: Arena | None, inline_threshold: i
     for name, arr in arrays.items():
         check_dtype(name, arr)
     for name, arr in arrays.items():
-        ref = P.TensorRef(name, wire_dtype(arr), tuple(int(d) for d in arr.shape))
-        arr = to_buffer(arr)          # BYTES: serialized; else native-order, C-ordered memory
+        ref, arr = encode(name, arr)  # BYTES: serialized; else native-order, C-ordered memory
         if arena is not None and arr.nbytes >= inline_threshold:
             try:
                 ref.shm = arena.put(arr)
@@ -68,12 +60,8 @@ def unpack(refs: list[P.TensorRef], buffers: list[Any], regions: RegionMap,
     arrays: dict[str, np.ndarray] = {}
     frees: list[P.ShmLoc] = []
     for ref in refs:
-        if ref.shm is not None:
-            arrays[ref.name] = regions.array(ref)
-            if engine_arena_prefix and ref.shm.region.startswith(engine_arena_prefix):
-                frees.append(ref.shm)
-        else:
-            buf = buffers[ref.frame_index()]
-            data = buf.buffer if hasattr(buf, "buffer") else buf
-            arrays[ref.name] = from_buffer(ref.name, ref.dtype, ref.shape, data)
+        arrays[ref.name] = decode(ref, buffers, regions)
+        if ref.shm is not None and engine_arena_prefix and \
+                ref.shm.region.startswith(engine_arena_prefix):
+            frees.append(ref.shm)
     return arrays, frees

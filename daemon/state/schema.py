@@ -99,10 +99,52 @@ CREATE TABLE webhook_deliveries (
 );
 """
 
+# Prompt templates (frontends/http/prompt_templates.py): versions are immutable, numbered from
+# 1 per name. Custom metrics (frontends/http/custom_metrics.py): one row per series, `labels`
+# the series' label set as canonical JSON (sorted keys), so every HTTP worker reads one value.
+_V4_TEMPLATES_METRICS = """
+CREATE TABLE prompt_templates (
+    name        TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    source      TEXT NOT NULL,
+    description TEXT,
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE custom_metrics (
+    name        TEXT NOT NULL,
+    labels      TEXT NOT NULL,
+    kind        TEXT NOT NULL,             -- gauge | counter
+    help        TEXT NOT NULL,
+    value       REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (name, labels)
+);
+"""
+
+# Recent trace spans (frontends/http/tracing.py): a bounded ring, pruned to the newest rows, so
+# GET /traces on any HTTP worker sees the spans every worker recorded.
+_V5_TRACE_SPANS = """
+CREATE TABLE trace_spans (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    trace_id       TEXT NOT NULL,
+    span_id        TEXT NOT NULL,
+    parent_span_id TEXT,
+    name           TEXT NOT NULL,
+    start          REAL NOT NULL,              -- Unix seconds
+    duration_ms    REAL NOT NULL,
+    status         TEXT NOT NULL,              -- ok | error
+    attributes     TEXT NOT NULL               -- JSON object
+);
+CREATE INDEX trace_spans_trace ON trace_spans (trace_id);
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (1, _V1_KEYS_USERS),
     (2, _V2_REQUEST_LOG),
     (3, _V3_BATCHES),
+    (4, _V4_TEMPLATES_METRICS),
+    (5, _V5_TRACE_SPANS),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

@@ -34,7 +34,7 @@ from engines.llm.quant import WEIGHT_FORMATS
 from engines.llm.grammar import GrammarCompiler, allowed_tokens
 from engines.llm.sampling import Sampler, SamplingParams
 from engines.llm.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from engines.llm.sequence import Sequence
+from engines.llm.sequence import SeqTiming, Sequence
 
 __all__ = ["LLMEngine", "LLMOptions", "THREADS_ENV"]
 
@@ -58,6 +58,9 @@ class LLMOptions:
     # KV-cache events (engines.llm.kv_events): "" = off, else the PUB endpoint this model binds
     kv_events_endpoint: str = ""
     kv_events_topic: str = "kv@{host}@{model}"   # llm-d's topic form; {host}, {model} filled in
+    # every request computed batch-invariantly (LlamaModel.forward's `deterministic`); a request
+    # can also ask for it alone (SamplingParams.deterministic)
+    deterministic: bool = False
 
     @classmethod
     def from_section(cls, section: dict[str, Any]) -> LLMOptions:
@@ -85,6 +88,9 @@ class LLMOptions:
         except (AttributeError, KeyError, IndexError, ValueError):
             raise _bad_option("kv_events_topic", "must be a string whose only fields are {host} "
                               f"and {{model}}, got {opts.kv_events_topic!r}") from None
+        if not isinstance(opts.deterministic, bool):
+            raise _bad_option("deterministic", f"must be true or false, got "
+                              f"{opts.deterministic!r}")
         if opts.weight_format not in WEIGHT_FORMATS:
             raise _bad_option("weight_format", f"must be one of {list(WEIGHT_FORMATS)}, "
                               f"got {opts.weight_format!r}")
@@ -125,6 +131,7 @@ class LLMEngine(Engine):
         self.kv_events: KVEventPublisher | None = None
         self._kv_log: KVEventLog | None = None        # the pool's event log while publishing
         self.max_context = 0
+        self.deterministic = False
         self._seqs: dict[str, Sequence] = {}
         # prompt_tokens: whole prompts (cached part included) of requests that produced their
         # first token, as vLLM counts them
@@ -181,8 +188,11 @@ class LLMEngine(Engine):
                               f"{opts.block_size} tokens")
         self.kv = PagedKVCache(cfg, num_blocks, opts.block_size, dtype, self.device)
         self.pool = BlockPool(num_blocks, opts.block_size, model_key)
-        self.scheduler = Scheduler(self.pool, SchedulerConfig(opts.max_num_seqs,
-                                                              opts.max_batched_tokens))
+        every_layer_slides = len(cfg.window_layers) == cfg.num_layers
+        self.scheduler = Scheduler(self.pool, SchedulerConfig(
+            opts.max_num_seqs, opts.max_batched_tokens, opts.deterministic,
+            window=cfg.sliding_window if every_layer_slides else None))
+        self.deterministic = opts.deterministic
         self.sampler = Sampler(self.device)
         # A sequence must fit in the pool on its own, or preemption could never make room.
         self.max_context = min(cfg.max_context, num_blocks * opts.block_size)
@@ -243,7 +253,9 @@ class LLMEngine(Engine):
             raise InvalidInput("sampling parameters are missing", param="params")
         params.validate(self.cfg.vocab_size)
         prompt = self._check_prompt(request.prompt_ids)
-        if len(prompt) + params.max_tokens > self.max_context:
+        if params.resume >= len(prompt):
+            raise InvalidInput("resume must be shorter than the prompt", param="resume")
+        if len(prompt) - params.resume + params.max_tokens > self.max_context:
             param = "prompt_ids" if len(prompt) >= self.max_context else "max_tokens"
             raise ContextLengthExceeded(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
@@ -256,6 +268,12 @@ class LLMEngine(Engine):
                                    "engine was not given", code="invalid_grammar",
                                    param="response_format")
             seq.matcher = self.grammars.matcher(params.structured)
+            for tok in prompt[len(prompt) - params.resume:]:   # a failover: re-advance it
+                if not seq.matcher.consume_token(tok):
+                    raise InvalidInput("the resumed tokens do not match the grammar",
+                                       code="invalid_grammar", param="resume")
+        if request.traced:
+            seq.timing = SeqTiming()
         self._seqs[request.id] = seq
         self.scheduler.add(seq)
 
@@ -288,6 +306,8 @@ class LLMEngine(Engine):
         self.scheduler.abort(seq)
         out = TokenOutput(request_id, [], finished=True, finish_reason="cancelled")
         self._first_output(seq, out)
+        if seq.timing is not None:
+            out.timing = seq.timing.wire(seq.arrival, time.monotonic())
         return [out]
 
     # -- the step ----------------------------------------------------------------------------
@@ -308,7 +328,13 @@ class LLMEngine(Engine):
         rows = batch.sample_rows
         masks = self._start_masks([batch.seqs[r] for r in rows])
         try:
-            logits = self.model(self._forward_batch(batch), self.kv)        # [B, V]
+            # one deterministic request makes the whole step batch-invariant: its rows then
+            # cannot depend on the others
+            fb = self._forward_batch(batch)
+            if self.deterministic or any(s.params.deterministic for s in batch.seqs):
+                logits = self.model(fb, self.kv, deterministic=True)     # [B, V]
+            else:
+                logits = self.model(fb, self.kv)
             if len(rows) != len(batch.seqs):
                 logits = logits[rows]
             allowed = masks.result() if masks is not None else None
@@ -342,8 +368,11 @@ class LLMEngine(Engine):
         positions: list[int] = []
         ctx: list[int] = []
         prompt_part = 0
+        now = time.monotonic()
         for seq, n in zip(batch.seqs, batch.num_new):
             c = seq.num_computed
+            if seq.timing is not None:
+                seq.timing.step(now, c < seq.num_prompt)
             tokens.extend(seq.token_ids[c:c + n])
             positions.extend(range(c, c + n))
             ctx.append(c + n)
@@ -369,6 +398,11 @@ class LLMEngine(Engine):
             if top is not None and seq.params.top_logprobs:
                 out.top_logprobs = [top[j]]
             self._record_latency(seq, now, reason is not None)
+            if seq.timing is not None:
+                if not seq.timing.first_token:
+                    seq.timing.first_token = now
+                if reason is not None:
+                    out.timing = seq.timing.wire(seq.arrival, now)
             self._first_output(seq, out)
             if reason is not None:
                 del self._seqs[seq.id]

@@ -5,9 +5,11 @@ builds a numpy view for every one of the ~100k vocabulary strings and takes seco
 struct walk takes tens of milliseconds (the frontends read the vocabulary too). Every read is
 bounds-checked, so a damaged file is a clear ModelLoadFailed. Tensors are dequantized with the
 `gguf` package (Q4_0, Q4_1, Q8_0, F16, BF16, F32 and the K-quants it implements) and handed over
-in Hugging Face's layout: llama.cpp's converter permutes the rows of Llama's Q and K weights so
-that rotary pairs are adjacent (GPT-J style); we undo that, so the model runs the same rotate-half
-RoPE as the HF reference. Qwen2 files are not permuted.
+in Hugging Face's layout, Q4_0/Q4_1/Q4_K matrices with their own 4-bit groups beside the float
+values (`int4_groups`, so int4 weights keep the file's values). llama.cpp's converter permutes
+the rows of Llama's Q and K weights so that rotary pairs are adjacent (GPT-J style); we undo
+that, so the model runs the same rotate-half RoPE as the HF reference (which architectures were
+permuted: engines.llm.architectures).
 """
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from engines.llm.config import SUPPORTED_ARCHITECTURES, LlamaConfig, ModelLoadFailed
+from engines.llm.architectures import ARCHITECTURES, Architecture
+from engines.llm.config import SUPPORTED_ARCHITECTURES, LlamaConfig, ModelLoadFailed, check_gguf
 
 if TYPE_CHECKING:      # torch is imported where tensors are made: the HTTP workers read only
     import torch      # the tokenizer from GGUF files and need not pay ~1.5 s and ~200 MB for it
 
-__all__ = ["GGUFFile", "GGUFTensor", "read_gguf", "open_gguf"]
+    from engines.llm.quant import BlockWeight
+
+__all__ = ["GGUFFile", "GGUFTensor", "int4_groups", "read_gguf", "open_gguf"]
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +47,10 @@ _LAYER_NAMES = {
     "attn_q.weight": "q", "attn_k.weight": "k", "attn_v.weight": "v",
     "attn_q.bias": "q_bias", "attn_k.bias": "k_bias", "attn_v.bias": "v_bias",
     "attn_output.weight": "o", "ffn_gate.weight": "gate", "ffn_up.weight": "up",
-    "ffn_down.weight": "down",
+    "ffn_down.weight": "down", "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm",
+    "post_attention_norm.weight": "post_attn_norm", "post_ffw_norm.weight": "post_ffn_norm",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
-# Architectures whose converter permuted Q/K rows for llama.cpp's interleaved RoPE.
-_PERMUTED = ("llama", "mistral")
 
 
 class _Truncated(Exception):
@@ -197,7 +201,7 @@ def _config(gf: GGUFFile) -> LlamaConfig:
     vocab = (meta("vocab_size") or len(gf.get("tokenizer.ggml.tokens", ()))
              or (embed.dims[-1] if embed else 0))
     eos = [gf.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    return LlamaConfig(
+    shared = dict(
         vocab_size=vocab, hidden_size=hidden,
         intermediate_size=meta("feed_forward_length", 0), num_layers=meta("block_count"),
         num_heads=heads, num_kv_heads=meta("attention.head_count_kv", heads), head_dim=head_dim,
@@ -210,7 +214,9 @@ def _config(gf: GGUFFile) -> LlamaConfig:
         arch=arch, attn_bias="blk.0.attn_q.bias" in gf.tensors,
         rope_freq_factors=_rope_factors(gf, meta, head_dim),
         weight_bits=_layer_weight_bits(gf),
-    ).validate()
+    )
+    extra = ARCHITECTURES[arch].gguf_fields(meta, shared, set(gf.tensors))
+    return LlamaConfig(**{**shared, **extra}).validate()
 
 
 def _layer_weight_bits(gf: GGUFFile) -> int:
@@ -250,41 +256,93 @@ def _dequantize(gf: GGUFFile, tensor: GGUFTensor) -> np.ndarray:
     return w.reshape(tuple(reversed(tensor.dims)))          # [out, in]
 
 
+_Q4_0, _Q4_1, _Q4_K = 2, 3, 12          # gguf.GGMLQuantizationType values
+
+
+def int4_groups(gf: GGUFFile, tensor: GGUFTensor) -> tuple[np.ndarray, ...] | None:
+    """A 2-D Q4_0, Q4_1 or Q4_K tensor as groups of 32 in the int4 kernel's form,
+    w = (q - 8) * scale + zero: (q uint8 [out, in], scale, zero float32 [out, in / 32]);
+    None for other types."""
+    if len(tensor.dims) != 2 or tensor.qtype not in (_Q4_0, _Q4_1, _Q4_K):
+        return None
+    out = tensor.dims[1]
+    raw = gf.raw(tensor)                                               # [out, bytes per row]
+
+    def f16(b: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(b).view(np.float16).astype(np.float32)[..., 0]
+
+    def nibbles(qs: np.ndarray) -> np.ndarray:       # [..., n] bytes -> [..., 2n] values
+        return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+    if tensor.qtype in (_Q4_0, _Q4_1):
+        head = 2 if tensor.qtype == _Q4_0 else 4
+        blocks = raw.reshape(out, -1, head + 16)                       # [O, I/32, bytes]
+        d = f16(blocks[..., 0:2])
+        q = nibbles(blocks[..., head:])                                # [O, I/32, 32]
+        zero = np.zeros_like(d) if tensor.qtype == _Q4_0 else f16(blocks[..., 2:4]) + 8 * d
+        return q.reshape(out, -1), d, zero
+    from gguf.quants import Q4_K
+
+    blocks = raw.reshape(-1, 144)                                      # [O * I/256, bytes]
+    d, dmin = f16(blocks[:, 0:2])[:, None], f16(blocks[:, 2:4])[:, None]
+    sc, mn = Q4_K.get_scale_min(blocks[:, 4:16])                       # [N, 8] 6-bit each
+    # 128 bytes: four runs of 32; low nibbles are sub-block 2j, high nibbles 2j + 1.
+    q = nibbles(blocks[:, 16:].reshape(-1, 4, 32))                     # [N, 4, 64]
+    scale = d * sc.astype(np.float32)                                  # [N, 8]
+    zero = 8 * scale - dmin * mn.astype(np.float32)
+    return q.reshape(out, -1), scale.reshape(out, -1), zero.reshape(out, -1)
+
+
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation: per head, (D/2, 2) row pairs -> (2, D/2) halves."""
     d = w.shape[0] // n_head
     return w.reshape(n_head, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _loader_name(gguf_name: str) -> str | None:
+def _loader_name(gguf_name: str, spec: Architecture) -> str | None:
     match = _LAYER_RE.fullmatch(gguf_name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    if match:
+        name = spec.gguf_layer_names.get(match.group(2)) or _LAYER_NAMES.get(match.group(2))
+        return f"layers.{match.group(1)}.{name}" if name else None
     return _GLOBAL_NAMES.get(gguf_name)
 
 
-def _tensors(gf: GGUFFile, cfg: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _tensors(gf: GGUFFile, cfg: LlamaConfig
+             ) -> Iterator[tuple[str, torch.Tensor | BlockWeight]]:
     import torch
 
-    permuted = cfg.arch in _PERMUTED
+    from engines.llm.quant import BlockWeight, Int4Groups
+
+    spec = ARCHITECTURES[cfg.arch]
+    permuted = spec.gguf_permuted
     for tensor in gf.tensors.values():
         if tensor.name == "rope_freqs.weight":
             continue                                    # folded into cfg.rope_freq_factors
-        name = _loader_name(tensor.name)
+        name = _loader_name(tensor.name, spec)
         if name is None:
             raise ModelLoadFailed(f"{gf.path}: unexpected tensor {tensor.name!r} for a "
                                   f"{cfg.arch} model")
         w = _dequantize(gf, tensor)
-        if permuted and name.endswith((".q", ".q_bias")):
-            w = _unpermute(w, cfg.num_heads)
-        elif permuted and name.endswith((".k", ".k_bias")):
-            w = _unpermute(w, cfg.num_kv_heads)
+        groups = int4_groups(gf, tensor)
+        heads = (cfg.num_heads if name.endswith((".q", ".q_bias")) else cfg.num_kv_heads
+                 if name.endswith((".k", ".k_bias")) else 0)
+        if permuted and heads:
+            w = _unpermute(w, heads)
+            groups = groups and tuple(_unpermute(g, heads) for g in groups)
         # Copy when the array still views the (read-only) file mapping, as F32 tensors do.
-        yield name, torch.from_numpy(w if w.flags.writeable else w.copy())
+        dense = torch.from_numpy(w if w.flags.writeable else w.copy())
+        if groups is None:
+            yield name, dense
+        else:
+            q, scale, zero = (torch.from_numpy(np.ascontiguousarray(g)) for g in groups)
+            yield name, BlockWeight(dense, Int4Groups(q, scale, zero))
 
 
-def open_gguf(path: str | Path) -> tuple[LlamaConfig, Iterator[tuple[str, torch.Tensor]]]:
+def open_gguf(path: str | Path
+              ) -> tuple[LlamaConfig, Iterator[tuple[str, torch.Tensor | BlockWeight]]]:
     """The model config and a lazy stream of dequantized float32 tensors in HF layout."""
     gf = read_gguf(path)
     cfg = _config(gf)
+    # fields it would ignore, tokenizer, stop tokens
+    cfg = check_gguf(gf, cfg, ARCHITECTURES[cfg.arch].gguf_runs)
     return cfg, _tensors(gf, cfg)

@@ -92,7 +92,7 @@ class PrefillSeq:
 
     start: int                      # first row of its new tokens in the batch
     query_len: int
-    context_len: int
+    context_len: int                # keys it reads back from `blocks` (windowed: the last ones)
     blocks: torch.Tensor | None     # [nb] its block ids; None: no cached prefix, use the new K/V
     mask: torch.Tensor | None       # [query_len, context_len] bool; None: plain causal
 
@@ -126,6 +126,19 @@ class AttentionMetadata:
                 prefills.append(_prefill_seq(start, q, ctx, padded[i], block_size))
             start += q
         return cls(slots, last_rows, decode, prefills)
+
+    def windowed(self, window: int, block_size: int) -> AttentionMetadata:
+        """The same step for a sliding-window layer: the query at position t sees only the keys
+        at positions p with t - p < window. Decode rows and cached-prefix chunks read back only
+        the blocks that still hold such keys; the masks hide the rest of those blocks. The
+        blocks behind the window stay allocated while a full-attention layer needs them; when
+        every layer slides the scheduler returns them to the pool, and their stale table
+        entries are never read here (deterministic rows read them and slice them away)."""
+        decode = (self.decode if self.decode is None else
+                  _windowed_decode(self.decode, window, block_size))
+        return AttentionMetadata(self.slots, self.last_rows, decode,
+                                 [_windowed_prefill(seq, window, block_size, self.slots.device)
+                                  for seq in self.prefills])
 
 
 def _check_batch(positions: torch.Tensor, query_lens: list[int], context_lens: list[int],
@@ -175,3 +188,32 @@ def _prefill_seq(start: int, q: int, ctx: int, table_row: torch.Tensor,
     query_pos = torch.arange(ctx - q, ctx, device=device)
     mask = torch.arange(ctx, device=device)[None, :] <= query_pos[:, None]
     return PrefillSeq(start, q, ctx, table_row[:nb], mask)
+
+
+def _windowed_decode(group: DecodeGroup, window: int, block_size: int) -> DecodeGroup:
+    table, mask = group.block_table, group.key_mask                    # [Bd, nb], [Bd, 1, 1, L]
+    width = table.shape[1]
+    keep = min(width, -(-(window - 1) // block_size) + 1)  # blocks `window` keys can touch
+    ctx = mask.sum(-1).view(-1, 1)                                     # [Bd, 1] keys per row
+    first = (ctx - window).clamp(min=0) // block_size                  # first block still seen
+    index = first + torch.arange(keep, device=table.device)            # [Bd, keep]
+    # past a row's blocks the clamp re-reads its last one; those positions are >= ctx: masked
+    pos = first * block_size + torch.arange(keep * block_size, device=table.device)
+    seen = (pos >= ctx - window) & (pos < ctx)                         # [Bd, keep * bs]
+    table = table.gather(1, index.clamp(max=width - 1)).contiguous()
+    return DecodeGroup(group.rows, table, seen[:, None, None, :])
+
+
+def _windowed_prefill(seq: PrefillSeq, window: int, block_size: int,
+                      device: torch.device) -> PrefillSeq:
+    if seq.mask is None and seq.query_len <= window:
+        return seq                  # no query is `window` tokens past any key it sees
+    q, ctx = seq.query_len, seq.context_len
+    blocks, skip = seq.blocks, 0    # skip: leading positions no query of the chunk still sees
+    if blocks is not None:          # a cached prefix: read back from the first block still seen
+        first = max(0, ctx - q - window + 1) // block_size
+        blocks, skip = blocks[first:], first * block_size
+    query_pos = torch.arange(ctx - q, ctx, device=device)[:, None]
+    keys = torch.arange(skip, ctx, device=device)[None, :]
+    mask = (keys <= query_pos) & (query_pos - keys < window)           # [Q, ctx - skip]
+    return PrefillSeq(seq.start, q, ctx - skip, blocks, mask)

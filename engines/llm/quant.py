@@ -16,27 +16,56 @@ narrow step that a miss computed in a wide one): see README, "weight_format".
 Activations stay float32 between matrices (residual stream, norms, RoPE, attention, KV cache);
 only the products run in bfloat16.
 
-Int4Weight halves the bytes again for files that are 4-bit to begin with (GGUF Q4_0, Q4_1,
-Q4_K: `weight_bits <= 5`): 4-bit values in groups of 32 along the input dimension, each group
-with a bfloat16 scale and zero (w = (q - 8) * scale + zero), for torch's CPU int4 kernel. A
-Q4_1 block (w = d * q + m) maps onto it exactly up to rounding d and m to bfloat16, so nothing
-of the file's precision is lost; the 1-row product runs ~1.6x faster than int8's. The LM head
-stays int8 (GGUF files keep it at 8 bits or more).
+Int4Weight halves the bytes again: 4-bit values in groups of 32 along the input dimension, each
+group with a bfloat16 scale and zero (w = (q - 8) * scale + zero), for torch's CPU int4 kernel.
+GGUF's affine 4-bit blocks map onto it with the file's own 4-bit values (`Int4Groups`, built by
+the GGUF loader): Q4_0 (w = d * (q - 8): scale d, zero 0), Q4_1 (w = d * q + m: zero m + 8d) and
+Q4_K (32-value sub-blocks, w = d*sc * q - dmin*m); only the scale and zero round to bfloat16.
+A matrix that is not 4-bit to begin with is re-quantized per group by its min/max, which is
+lossy. IQ4_NL/IQ4_XS (a non-linear grid) cannot be represented. The LM head stays int8.
+
+`weight_format = "auto"` decides per matrix (`pick_auto`): the first of int4 (from the file's
+own blocks only), int8 whose relative error against the file's dequantized weights,
+||W' - W|| / ||W||, is at most AUTO_MAX_ERROR; else the matrix stays float.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Int4Weight", "Int8Weight", "QuantizedWeight", "WEIGHT_FORMATS", "cpu_has_fast_bf16",
-           "int4_supported", "int8_available", "linear", "resolve_weight_format"]
+__all__ = ["AUTO_MAX_ERROR", "BlockWeight", "DETERMINISTIC_ROWS", "Int4Groups", "Int4Weight",
+           "Int8Weight", "QuantizedWeight", "WEIGHT_FORMATS", "cpu_has_fast_bf16", "fixed_rows",
+           "int4_supported", "int8_available", "linear", "pick_auto", "relative_error",
+           "resolve_weight_format"]
 
 WEIGHT_FORMATS = ("auto", "float", "int8", "int4")
 NARROW_ROWS = 8          # up to this many rows the int8 GEMV beats the bfloat16 GEMM (measured)
 INT4_GROUP = 32          # values per scale/zero pair: a GGUF Q4 block
+DETERMINISTIC_ROWS = 32  # rows per float GEMM call in deterministic mode (fixed_rows)
+# `auto` keeps a matrix quantized only when ||W' - W|| / ||W|| against the file's weights is at
+# most this (README, "weight_format", has the measured errors per GGUF type).
+AUTO_MAX_ERROR = 0.02
+
+
+@dataclass(slots=True)
+class Int4Groups:
+    """A matrix stored exactly as 4-bit groups of INT4_GROUP: w = (q - 8) * scale + zero."""
+
+    q: torch.Tensor          # [O, I] uint8, 0..15
+    scale: torch.Tensor      # [O, I / G] float32
+    zero: torch.Tensor       # [O, I / G] float32
+
+    def rows(self, index: slice) -> Int4Groups:
+        return Int4Groups(self.q[index], self.scale[index], self.zero[index])
+
+    @staticmethod
+    def cat(parts: list[Int4Groups]) -> Int4Groups:
+        return Int4Groups(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                          torch.cat([p.zero for p in parts]))
 
 
 class QuantizedWeight:
@@ -100,15 +129,24 @@ class Int4Weight(QuantizedWeight):
     __slots__ = ("packed", "scales_zeros")
     wide: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        w = weight.detach().float()                                      # [O, I]
-        o, i = w.shape
-        groups = w.reshape(o, i // INT4_GROUP, INT4_GROUP)               # [O, I/G, G]
-        lo, hi = groups.amin(-1), groups.amax(-1)                        # [O, I/G]
-        # The kernel multiplies by bfloat16 scales and zeros: quantize against those.
-        scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.bfloat16).float()
-        zero = (lo + 8.0 * scale).to(torch.bfloat16).float()
-        q = torch.round((groups - zero[..., None]) / scale[..., None] + 8.0).clamp(0, 15)
+    def __init__(self, weight: torch.Tensor | Int4Groups) -> None:
+        """From a float matrix (re-quantized per group by its min/max: lossy unless it already
+        is 4-bit per group) or from a file's own groups (exact up to bfloat16 scale and zero)."""
+        if isinstance(weight, Int4Groups):
+            q = weight.q.float()                                         # [O, I]
+            o, i = q.shape
+            q = q.reshape(o, i // INT4_GROUP, INT4_GROUP)                # [O, I/G, G]
+            scale = weight.scale.to(torch.bfloat16).float()              # [O, I/G]
+            zero = weight.zero.to(torch.bfloat16).float()
+        else:
+            w = weight.detach().float()                                  # [O, I]
+            o, i = w.shape
+            groups = w.reshape(o, i // INT4_GROUP, INT4_GROUP)           # [O, I/G, G]
+            lo, hi = groups.amin(-1), groups.amax(-1)                    # [O, I/G]
+            # The kernel multiplies by bfloat16 scales and zeros: quantize against those.
+            scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(torch.bfloat16).float()
+            zero = (lo + 8.0 * scale).to(torch.bfloat16).float()
+            q = torch.round((groups - zero[..., None]) / scale[..., None] + 8.0).clamp(0, 15)
         self.packed = torch._convert_weight_to_int4pack_for_cpu(
             q.to(torch.int32).reshape(o, i), 2)
         self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1) \
@@ -131,6 +169,30 @@ class Int4Weight(QuantizedWeight):
         return torch._weight_int4pack_mm_for_cpu(xb, self.packed, INT4_GROUP, self.scales_zeros)
 
 
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """||approx - exact|| / ||exact|| (Frobenius; float32 sums are ample for errors of 1e-3)."""
+    with torch.no_grad():
+        norm = float(torch.linalg.vector_norm(exact))
+        return float(torch.linalg.vector_norm(approx - exact)) / norm if norm else 0.0
+
+
+def pick_auto(weight: torch.Tensor, groups: Int4Groups | None, head: bool = False
+              ) -> tuple[torch.Tensor | Int8Weight | Int4Weight, float]:
+    """`auto` for one float matrix: int4 from the file's own groups, else int8, whichever first
+    stays within AUTO_MAX_ERROR of `weight`; else `weight` itself (float). Returns the chosen
+    weight and its relative error. `head`: the LM head, int8 without a bfloat16 copy."""
+    if groups is not None and not head and int4_supported(weight.shape):
+        q4 = Int4Weight(groups)
+        err = relative_error(q4.dequantize(), weight)
+        if err <= AUTO_MAX_ERROR:
+            return q4, err
+    q8 = Int8Weight(weight, keep_wide=not head)
+    err = relative_error(q8.dequantize(), weight)
+    if err <= AUTO_MAX_ERROR:
+        return q8, err
+    return weight, 0.0
+
+
 def int4_supported(shape: tuple[int, ...] | torch.Size) -> bool:
     """Whether torch's CPU int4 kernel takes an [out, in] matrix of this shape."""
     return (hasattr(torch, "_weight_int4pack_mm_for_cpu") and len(shape) == 2
@@ -138,12 +200,35 @@ def int4_supported(shape: tuple[int, ...] | torch.Size) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear over any weight format."""
+           bias: torch.Tensor | None = None, deterministic: bool = False) -> torch.Tensor:
+    """F.linear over any weight format. `deterministic`: each row's result depends on that row
+    alone, whatever the other rows and their number (`fixed_rows`)."""
+    if deterministic:
+        y = fixed_rows(x, weight)
+        return y if bias is None else y + bias
     if isinstance(weight, QuantizedWeight):
         y = weight(x)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
+
+
+def fixed_rows(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """x @ weight.T with row-independent results (deterministic mode). GEMM libraries pick
+    kernels and blocking by the number of rows, so a row's rounding depends on how many rows
+    share the call. Quantized matrices always take their int8/int4 kernel, which runs each row
+    on its own (a GEMV per row: decode as fast as by default, prefill ~4x slower than the
+    bfloat16 GEMM); float matrices run in calls of exactly DETERMINISTIC_ROWS rows
+    (zero-padded), over which a GEMM treats each row alike. Both checked bit for bit in
+    tests/unit/test_llm_deterministic.py."""
+    if isinstance(weight, QuantizedWeight):
+        return weight._narrow(x.to(torch.bfloat16)).to(x.dtype)
+    w, xw = weight, x.to(weight.dtype)
+    n, c = xw.shape[0], DETERMINISTIC_ROWS
+    pad = -n % c
+    if pad:
+        xw = torch.cat([xw, xw.new_zeros(pad, xw.shape[1])])
+    y = torch.cat([F.linear(xw[i:i + c], w) for i in range(0, n + pad, c)])   # [n + pad, O]
+    return y[:n].to(x.dtype)
 
 
 @functools.cache
@@ -165,18 +250,15 @@ def int8_available() -> bool:
     return hasattr(torch, "_weight_int8pack_mm")
 
 
-def resolve_weight_format(requested: str, device: str | torch.device,
-                          source_bits: int = 32) -> str:
-    """'auto' on a CPU with fast bfloat16: 'int4' for a file stored at <= 5 bits per weight
-    (nothing to lose), else 'int8'; elsewhere 'float'. int8/int4 are CPU formats: GPUs keep
-    bfloat16 weights, which their tensor cores read at full bandwidth."""
+def resolve_weight_format(requested: str, device: str | torch.device) -> str:
+    """'auto' stays 'auto' (per matrix, see pick_auto) on a CPU with fast bfloat16 and is
+    'float' elsewhere. int8/int4 are CPU formats: GPUs keep bfloat16 weights, which their
+    tensor cores read at full bandwidth."""
     if requested not in WEIGHT_FORMATS:
         raise ValueError(f"weight format must be one of {WEIGHT_FORMATS}, got {requested!r}")
     on_cpu = torch.device(device).type == "cpu"
     if requested == "auto":
-        if not (on_cpu and int8_available() and cpu_has_fast_bf16()):
-            return "float"
-        return "int4" if source_bits <= 5 and int4_available() else "int8"
+        return "auto" if on_cpu and int4_available() and cpu_has_fast_bf16() else "float"
     if requested == "int8" and not (on_cpu and int8_available()):
         raise ValueError("int8 weights need a CPU engine and torch._weight_int8pack_mm")
     if requested == "int4" and not (on_cpu and int4_available()):
@@ -186,3 +268,12 @@ def resolve_weight_format(requested: str, device: str | torch.device,
 
 def int4_available() -> bool:
     return int8_available() and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+
+
+@dataclass(slots=True)
+class BlockWeight:
+    """A loaded matrix: its float values (what the file's blocks dequantize to) and, when the
+    file stores it as affine 4-bit groups, those groups, so int4 weights keep them."""
+
+    dense: torch.Tensor       # [O, I] float32
+    groups: Int4Groups

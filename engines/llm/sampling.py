@@ -1,13 +1,15 @@
 """Sampling parameters and a sampler vectorised over the batch.
 
 Processing order per row, all in float32 on the logits' device:
-  0. a row under a grammar (structured outputs) keeps only the tokens its matcher allows;
+  0. a row under a grammar (structured outputs) keeps only the tokens its matcher allows; a
+     row short of its min_tokens cannot draw its stop tokens (eos, stop_token_ids);
   1. repetition penalty over prompt + generated tokens (HF/vLLM rule: positive logits divided,
      negative ones multiplied), then OpenAI presence/frequency penalties over generated tokens;
   2. temperature (rows with temperature 0 are greedy and keep their logits);
   3. top-k and min-p (relative to the most likely token) truncation, as -inf masks;
   4. greedy rows take the argmax; the others draw by inverse CDF, one uniform number per draw,
-     taken from the request's own `torch.Generator` when it is seeded;
+     taken from the request's own `torch.Generator` when it is seeded (re-seeded each step from
+     (seed, output position), so a resumed request continues as the uninterrupted one);
   5. top-p (nucleus) by rejection: a draw is kept when the mass of the tokens more likely than
      it is at most top_p, else redrawn. Accepted draws follow exactly the renormalised nucleus,
      without sorting the vocabulary (~3 ms per row on a CPU); acceptance is at least top_p, and
@@ -60,10 +62,20 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    # EOS and stop_token_ids cannot end the output before this many tokens (vLLM's min_tokens;
+    # a row under a grammar ends when its grammar does)
+    min_tokens: int = 0
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0                # also return this many most likely tokens (0..20)
     structured: dict[str, Any] | None = None   # a constraint (engines/llm/grammar.py)
+    # Failover (frontends/dispatch.py): the prompt's last `resume` tokens are output an earlier
+    # engine already delivered. They count as output for max_tokens, the penalties, the grammar
+    # and the seed's positions, so the continuation draws what the uninterrupted run would have.
+    resume: int = 0
+    # batch-invariant: this request's tokens do not depend on batch company or on prefix-cache
+    # hits (LlamaModel.forward's `deterministic`; slower); implied by [llm] deterministic
+    deterministic: bool = False
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise `InvalidInput` naming the first bad parameter."""
@@ -89,12 +101,18 @@ class SamplingParams:
         self._validate_stops(vocab_size)
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "must be a boolean")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad("min_tokens", "must be an integer in [0, max_tokens]")
         if not isinstance(self.logprobs, bool):
             raise bad("logprobs", "must be a boolean")
+        if not isinstance(self.deterministic, bool):
+            raise bad("deterministic", "must be a boolean")
         if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise bad("top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}]")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise bad("seed", "must be an integer in [0, 2**63) or null")
+        if not _is_int(self.resume) or not 0 <= self.resume < self.max_tokens:
+            raise bad("resume", "must be an integer in [0, max_tokens)")
         check_structured(self.structured)
 
     def _validate_stops(self, vocab_size: int | None) -> None:
@@ -121,6 +139,7 @@ class SamplingRow(Protocol):
     num_prompt: int
     generator: torch.Generator | None
     matcher: Any                     # a grammar matcher (engines/llm/grammar.py) or None
+    stop_ids: frozenset[int]         # the tokens that end it (eos unless ignored, stop ids)
 
 
 @dataclass(slots=True)
@@ -149,6 +168,11 @@ class Sampler:
         matchers = [getattr(r, "matcher", None) for r in rows]
         if any(m is not None for m in matchers):     # constrained rows: allowed tokens only
             logits = _apply_masks(logits, matchers, allowed)
+        early = [i for i, (r, m) in enumerate(zip(rows, matchers))
+                 if m is None and len(r.token_ids) - r.num_prompt < r.params.min_tokens
+                 and r.stop_ids]
+        if early:                                    # min_tokens: no end before it
+            logits = _hold_stops(logits, rows, early)
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
                for p in params):
             logits = _apply_penalties(logits.float(), rows)
@@ -169,6 +193,12 @@ class Sampler:
         logp = torch.log_softmax(logits, dim=-1) if want_lp else None   # [B, V]
         greedy_ids = logits.argmax(dim=-1) if any(greedy) else None
         logits = _truncate(logits, params)
+        for r, g in zip(rows, greedy):
+            if r.generator is not None and not g and r.params.seed is not None:
+                # a seeded row's draws depend on (seed, output position) only: a resumed
+                # sequence (params.resume) continues exactly as the uninterrupted one
+                r.generator.manual_seed(_position_seed(r.params.seed,
+                                                       len(r.token_ids) - r.num_prompt))
         ids = self._draw(logits, rows, greedy)
         if greedy_ids is not None:
             ids = torch.where(torch.tensor(greedy, device=logits.device), greedy_ids, ids)
@@ -212,6 +242,11 @@ class Sampler:
         # (flat cdf steps) are never chosen.
         ids = torch.searchsorted(sub, target, right=True).squeeze(1)     # [R]
         return ids.clamp_(max=cdf.shape[-1] - 1)
+
+
+def _position_seed(seed: int, position: int) -> int:
+    """A 63-bit seed for output position `position` of a request seeded with `seed`."""
+    return (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
 def _top(logp: torch.Tensor, params: list[SamplingParams]
@@ -318,6 +353,18 @@ def _top_p_sorted(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(srt, dim=-1)
     drop = (probs.cumsum(dim=-1) - probs) > top_p                       # [R, V] sorted
     return logits.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf"))
+
+
+def _hold_stops(logits: torch.Tensor, rows: Sequence[SamplingRow], early: list[int]
+                ) -> torch.Tensor:
+    """-inf on the stop tokens of the rows in `early` (a new tensor). [B, V]"""
+    out = logits.clone()
+    vocab = out.shape[-1]
+    for i in early:
+        ids = [t for t in rows[i].stop_ids if 0 <= t < vocab]
+        if ids:
+            out[i, ids] = float("-inf")
+    return out
 
 
 def _apply_masks(logits: torch.Tensor, matchers: list[Any],

@@ -16,9 +16,14 @@ generated tokens and continues. Its published full blocks stay in the prefix cac
 recompute is mostly cache hits unless the blocks were evicted meanwhile. The engine only admits
 requests whose prompt + max_tokens fit in the whole pool, so the oldest running sequence can
 always finish by preempting the others: the scheduler never deadlocks.
+
+A model whose every layer slides a window (Mistral v0.1) needs only the blocks its next query
+can see: after each step the blocks wholly behind the window go back to the pool, published
+first, so they stay in the prefix cache and another sequence sharing them keeps its reference.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,6 +41,13 @@ log = logging.getLogger(__name__)
 class SchedulerConfig:
     max_num_seqs: int = 32
     max_batched_tokens: int = 512
+    # [llm] deterministic: every block is computed batch-invariantly. Otherwise a request that
+    # asks for it alone hashes its blocks under its own root, so it only reuses blocks that
+    # deterministic steps computed.
+    deterministic: bool = False
+    # Set when every layer of the model slides this window: the blocks wholly behind it are
+    # returned to the pool as a sequence moves on (after being offered to the prefix cache).
+    window: int | None = None
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:
@@ -141,6 +153,7 @@ class Scheduler:
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_computed += n
             self._publish(seq)
+            self._drop_behind_window(seq)
         reasons: list[str | None] = []
         finished = False
         for row, tok in zip(batch.sample_rows, sampled):
@@ -224,8 +237,14 @@ class Scheduler:
     def _extend_hashes(self, seq: Sequence) -> None:
         start = len(seq.block_hashes)
         if start < len(seq.token_ids) // self.block_size:
-            parent = seq.block_hashes[-1] if start else self.pool.root
+            parent = seq.block_hashes[-1] if start else self._root(seq)
             seq.block_hashes.extend(hash_blocks(parent, seq.token_ids, self.block_size, start))
+
+    def _root(self, seq: Sequence) -> bytes:
+        if seq.params.deterministic and not self.cfg.deterministic:
+            return hashlib.blake2b(self.pool.root + b"deterministic", digest_size=len(
+                self.pool.root)).digest()
+        return self.pool.root
 
     def _publish(self, seq: Sequence) -> None:
         """Offer every block whose K/V is now complete to the prefix cache."""
@@ -244,10 +263,24 @@ class Scheduler:
                                       seq.token_ids[b * bs:(b + 1) * bs])
         seq.num_published = full
 
+    def _drop_behind_window(self, seq: Sequence) -> None:
+        """Return the blocks no later query of `seq` can see (the next one, at position
+        num_computed, sees keys from num_computed - window + 1 on) to the pool. Only published
+        blocks go: they stay in the prefix cache (reusable until evicted), and a block another
+        sequence shares keeps that sequence's reference."""
+        if self.cfg.window is None:
+            return
+        first_seen = max(0, seq.num_computed + 1 - self.cfg.window) // self.block_size
+        upto = min(first_seen, seq.num_published)
+        if upto > seq.num_dropped:
+            self.pool.free(seq.block_table[seq.num_dropped:upto])
+            seq.num_dropped = upto
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.pool.free(seq.block_table)
+        self.pool.free(seq.block_table[seq.num_dropped:])
         seq.block_table = []
+        seq.num_dropped = 0
         seq.num_computed = 0
         seq.num_published = 0
         seq.status = SeqStatus.WAITING
@@ -256,6 +289,7 @@ class Scheduler:
         log.debug("preempted %s (%d tokens) to free blocks", seq.id, len(seq.token_ids))
 
     def _release(self, seq: Sequence) -> None:
-        self.pool.free(seq.block_table)
+        self.pool.free(seq.block_table[seq.num_dropped:])
         seq.block_table = []
+        seq.num_dropped = 0
         seq.status = SeqStatus.FINISHED

@@ -10,13 +10,35 @@ import torch
 
 from engines.llm.sampling import SamplingParams
 
-__all__ = ["SeqStatus", "Sequence"]
+__all__ = ["SeqStatus", "Sequence", "SeqTiming"]
 
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class SeqTiming:
+    """A traced request's times in the engine (time.monotonic() seconds) and steps."""
+
+    scheduled: float = 0.0               # first forward pass it took part in
+    first_token: float = 0.0
+    steps: int = 0                       # forward passes it took part in
+    prefill_steps: int = 0               # of those, the ones that computed prompt tokens
+
+    def step(self, now: float, prefill: bool) -> None:
+        if not self.scheduled:
+            self.scheduled = now
+        self.steps += 1
+        self.prefill_steps += prefill
+
+    def wire(self, received: float, ended: float) -> list[int]:
+        """daemon/protocol.py TRACING's Tokens.timing."""
+        us = lambda t: int(t * 1e6)  # noqa: E731
+        return [us(received), us(self.scheduled or ended), us(self.first_token), us(ended),
+                self.steps, self.prefill_steps]
 
 
 @dataclass(slots=True, eq=False)
@@ -33,12 +55,16 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)   # chain hashes of full blocks
     num_published: int = 0               # leading blocks offered to the prefix cache
+    # leading blocks handed back to the pool because every layer's window has passed them;
+    # their block_table entries are stale (never written, and read only outside the window)
+    num_dropped: int = 0
     num_cached: int = 0                  # prompt tokens served by the prefix cache (1st admit)
     admitted: bool = False               # admitted at least once (stats count the first time)
     first_emitted: bool = False
     last_token_at: float = 0.0           # time.monotonic() of the latest token (latency stats)
     finish_reason: str | None = None
     matcher: Any = None                  # structured outputs: its grammar's state, or None
+    timing: SeqTiming | None = None      # traced requests only
 
     @classmethod
     def create(cls, req_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -51,7 +77,9 @@ class Sequence:
         if params.seed is not None:
             gen = torch.Generator(device=device)
             gen.manual_seed(params.seed)
-        return cls(id=req_id, token_ids=list(prompt_ids), num_prompt=len(prompt_ids),
+        # params.resume: the prompt's tail is output delivered before a failover
+        return cls(id=req_id, token_ids=list(prompt_ids),
+                   num_prompt=len(prompt_ids) - params.resume,
                    params=params, stop_ids=frozenset(stops), arrival=arrival, generator=gen)
 
     @property

@@ -1,10 +1,16 @@
 """Text <-> token ids for the LLM frontends (the engine itself only sees ids).
 
 Built on the `tokenizers` library, either from a `tokenizer.json` or from the vocabulary a GGUF
-file carries in its metadata. For GGUF byte-level BPE vocabularies the pre-tokenizer is chosen by
-`tokenizer.ggml.pre`, the way llama.cpp chooses its split regex, because merges only reproduce the
-training-time tokens when text is split the same way (SmolLM, StarCoder: one digit per piece;
-Llama 3: the tiktoken-style regex).
+file carries in its metadata. For GGUF byte-level BPE vocabularies (`tokenizer.ggml.model =
+"gpt2"`) the pre-tokenizer is chosen by `tokenizer.ggml.pre`, the way llama.cpp chooses its split
+regex, because merges only reproduce the training-time tokens when text is split the same way
+(SmolLM, StarCoder: one digit per piece; Llama 3: the tiktoken-style regex). SentencePiece
+vocabularies (`"llama"`: Llama 2, Mistral, TinyLlama) are tokenized by engines.llm.tokenizer_spm.
+
+Generation stops on every end-of-generation token the file lists, as llama.cpp's EOG set does:
+the eos/eot/eom ids, the FIM pad/repo/separator tokens, and tokens spelled like an end of turn
+(<|endoftext|>, <|im_end|>, <|eot_id|>, ...): SmolLM2 ends turns with <|im_end|> but also
+emits <|endoftext|>.
 """
 from __future__ import annotations
 
@@ -16,8 +22,10 @@ from typing import Any
 from daemon.errors import InvalidInput
 from engines.llm.chat import render_chat
 from engines.llm.config import ModelLoadFailed
+from engines.llm.tokenizer_spm import SpmTokenizer
 
-__all__ = ["Tokenizer", "IncrementalDecoder", "max_token_bytes"]
+__all__ = ["Tokenizer", "IncrementalDecoder", "max_token_bytes", "end_of_generation_ids",
+           "gguf_tokenizer_meta"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,39 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 _DIGIT_PRE = {"smollm", "starcoder", "refact", "codeshell", "exaone", "minerva", "command-r"}
 _LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3", "pixtral"}
 _QWEN2_PRE = {"qwen2", "deepseek-r1-qwen", "megrez"}
+# Token texts llama.cpp counts as end of generation (and retypes to control when they are not).
+_EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+              "<|eom_id|>", "<EOT>")
+# FIM tokens that end generation too, found by id key or else by text.
+_FIM_EOG = {"fim_pad": ("<|fim_pad|>", "<fim-pad>", "<PAD>"),
+            "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>"),
+            "fim_sep": ("<|file_sep|>",)}
+_META_KEYS = ("model", "pre", "tokens", "token_type", "scores", "merges", "bos_token_id",
+              "add_bos_token", "add_eos_token", "add_space_prefix", "eos_token_id",
+              "eot_token_id", "eom_token_id", "unknown_token_id", "fim_pad_token_id",
+              "fim_rep_token_id", "fim_sep_token_id")
+
+
+def gguf_tokenizer_meta(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The `tokenizer.ggml.*` values of a GGUF file's metadata, keyed without the prefix."""
+    return {k: metadata.get(f"tokenizer.ggml.{k}") for k in _META_KEYS}
+
+
+def end_of_generation_ids(meta: dict[str, Any]) -> tuple[int, ...]:
+    """Every token that ends a generation (llama.cpp's EOG set), the eos id first."""
+    tokens = meta.get("tokens") or []
+    n = len(tokens)
+
+    def valid(tid: Any) -> bool:
+        return isinstance(tid, int) and 0 <= tid < n
+
+    found = [meta.get(k) for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
+    for key, texts in _FIM_EOG.items():
+        tid = meta.get(f"{key}_token_id")
+        found.append(tid if valid(tid) else next(
+            (i for i, t in enumerate(tokens) if t in texts), None))
+    found += [i for i, t in enumerate(tokens) if t in _EOG_TEXTS]
+    return tuple(dict.fromkeys(t for t in found if valid(t)))
 
 
 def _byte_alphabet() -> set[str]:
@@ -55,15 +96,34 @@ def _pre_tokenizer(pre: str | None) -> Any:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
-def _gguf_backend(meta: dict[str, Any], path: Path) -> Any:
-    """A byte-level BPE `tokenizers.Tokenizer` from GGUF tokenizer metadata."""
+def _gguf_backend(meta: dict[str, Any], path: Path, eog: tuple[int, ...]) -> Any:
+    """The tokenizer backend for GGUF tokenizer metadata: a byte-level BPE
+    `tokenizers.Tokenizer` ('gpt2') or a SentencePiece one ('llama')."""
+    kind = meta.get("model")
+    if kind == "llama":
+        from engines.llm.tokenizer_spm import spm_from_gguf_metadata
+        try:
+            return spm_from_gguf_metadata(meta, control=eog)
+        except ValueError as exc:
+            raise ModelLoadFailed(f"{path}: bad SentencePiece vocabulary: {exc}") from exc
+    if kind != "gpt2":
+        raise ModelLoadFailed(f"{path}: GGUF tokenizer model {kind!r} is not supported (Ferry "
+                              f"reads byte-level BPE, 'gpt2', and SentencePiece, 'llama')")
+    try:
+        return _bpe_backend(meta, eog)
+    except Exception as exc:  # tokenizers raises a bare Exception on inconsistent merges
+        raise ModelLoadFailed(f"{path}: bad byte-level BPE vocabulary: {exc}") from exc
+
+
+def _bpe_backend(meta: dict[str, Any], eog: tuple[int, ...]) -> Any:
     from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, processors
 
-    kind = meta.get("model")
-    if kind != "gpt2":
-        raise ModelLoadFailed(f"{path}: GGUF tokenizer model {kind!r} is not supported (only "
-                              f"byte-level BPE, 'gpt2'); put a tokenizer.json beside the weights")
-    tokens, types = meta["tokens"], meta.get("token_type") or [1] * len(meta["tokens"])
+    tokens = meta["tokens"]
+    types = list(meta.get("token_type") or [1] * len(tokens))
+    if len(types) != len(tokens):
+        raise ValueError(f"{len(types)} token types for {len(tokens)} tokens")
+    for tid in eog:                             # llama.cpp retypes end-of-turn tokens
+        types[tid] = _CONTROL
     merges = [tuple(m.split(" ", 1)) for m in meta.get("merges") or []]
     pre = meta.get("pre")
     backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
@@ -94,23 +154,27 @@ class Tokenizer:
         self.eos_ids = eos_ids
         self.chat_template = chat_template
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
-        self.max_token_bytes = max_token_bytes(backend)
+        self.max_token_bytes = (backend.max_token_bytes if isinstance(backend, SpmTokenizer)
+                                else max_token_bytes(backend))
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
         from engines.llm.gguf_loader import read_gguf
 
-        path = Path(path)
-        gf = read_gguf(path)
-        keys = ("model", "pre", "tokens", "token_type", "merges", "bos_token_id",
-                "add_bos_token", "eos_token_id", "eot_token_id", "eom_token_id")
-        meta = {k: gf.get(f"tokenizer.ggml.{k}") for k in keys}
+        return cls.from_gguf_file(read_gguf(Path(path)))
+
+    @classmethod
+    def from_gguf_file(cls, gf: Any) -> Tokenizer:
+        """From a parsed engines.llm.gguf_loader.GGUFFile; ModelLoadFailed when its vocabulary
+        is missing, of a kind Ferry does not read, or inconsistent."""
+        meta = gguf_tokenizer_meta(gf.metadata)
         if not meta["tokens"]:
-            raise ModelLoadFailed(f"{path}: GGUF file carries no tokenizer vocabulary")
-        eos = (meta["eos_token_id"], meta["eot_token_id"], meta["eom_token_id"])
-        return cls(_gguf_backend(meta, path), bos_id=meta["bos_token_id"],
-                   eos_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
-                   chat_template=gf.get("tokenizer.chat_template"))
+            raise ModelLoadFailed(f"{gf.path}: GGUF file carries no tokenizer vocabulary")
+        eog = end_of_generation_ids(meta)
+        bos = meta["bos_token_id"]
+        return cls(_gguf_backend(meta, gf.path, eog),
+                   bos_id=bos if isinstance(bos, int) and 0 <= bos < len(meta["tokens"]) else None,
+                   eos_ids=eog, chat_template=gf.get("tokenizer.chat_template"))
 
     @classmethod
     def from_file(cls, tokenizer_json: str | Path) -> Tokenizer:
@@ -141,7 +205,12 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True,
+               continuation: bool = False) -> str:
+        """`continuation`: the ids continue a text (generated tokens after a prompt), so a
+        SentencePiece tokenizer keeps the first token's leading space."""
+        if isinstance(self.backend, SpmTokenizer):
+            return self.backend.decode(ids, skip_special_tokens, continuation)
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int | None) -> str | None:
@@ -243,9 +312,10 @@ class IncrementalDecoder:
         self._emitted = 0       # chars of the text after `_read` already emitted
 
     def _pending(self) -> str:
-        decode = self.tok.decode
-        prefix = decode(self.ids[self._prefix:self._read], self.skip_special_tokens)
-        return decode(self.ids[self._prefix:], self.skip_special_tokens)[len(prefix):]
+        def decode(ids: list[int]) -> str:
+            return self.tok.decode(ids, self.skip_special_tokens, continuation=True)
+        prefix = decode(self.ids[self._prefix:self._read])
+        return decode(self.ids[self._prefix:])[len(prefix):]
 
     def push(self, ids: list[int]) -> str:
         self.ids.extend(ids)

@@ -3,7 +3,9 @@
 
 Arrays go inline (zero-copy frames) by default. On the same host, `register_region()` creates a
 POSIX shared-memory segment owned by the client and registers it with the daemon; `infer(...,
-use_shm=True)` then copies inputs there once and sends only references.
+use_shm=True)` then copies inputs there once and sends only references. Arrays are encoded and
+decoded by the daemon's tensor codec (daemon/tensor_bytes.py), so the client refuses before
+sending what the daemon would refuse, with the same codes, and checks every result it reads.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import zmq
 import zmq.asyncio
 
 from daemon import protocol as P
-from daemon.errors import FerryError, error_from_wire
+from daemon.errors import DeadlineExceeded, FerryError
+from daemon.replies import error_of
 from daemon.shm import Arena
-from daemon.tensor_bytes import from_buffer, to_buffer, wire_dtype
+from daemon.tensor_bytes import decode, encode, from_buffer
 
 __all__ = ["ClientRegion", "FerryClient", "AsyncFerryClient"]
 
@@ -37,11 +40,13 @@ class ClientRegion:
         return self.arena.name
 
     def put(self, name: str, arr: np.ndarray) -> P.TensorRef:
-        arr = np.asarray(arr, dtype=np.asarray(arr).dtype.newbyteorder("="), order="C")
-        return P.TensorRef(name, arr.dtype.name, tuple(arr.shape), shm=self.store(arr))
+        ref, data = encode(name, arr)
+        ref.shm = self.store(data)
+        return ref
 
     def store(self, arr: np.ndarray) -> P.ShmLoc:
-        """Copy a native-order C-contiguous `arr` into the region; where it landed."""
+        """Copy an encoded (native-order, C-contiguous) `arr` into the region; where it
+        landed."""
         loc = self.arena.put(arr)
         return P.ShmLoc(self.name, loc.offset, loc.nbytes)
 
@@ -68,17 +73,14 @@ def _infer_message(model: str, inputs: dict[str, np.ndarray], *, version: int | 
     refs: list[P.TensorRef] = []
     frames: list[np.ndarray] = []
     held: list[P.ShmLoc] = []
-    for name, arr in inputs.items():
-        arr = np.asarray(arr)
-        dtype, shape = wire_dtype(arr), tuple(arr.shape)
-        arr = to_buffer(arr)        # BYTES (object arrays): Triton's serialized form
+    encoded = [encode(name, arr) for name, arr in inputs.items()]   # refuse before storing any
+    for ref, data in encoded:
         if region is not None:
-            loc = region.store(arr)
-            ref = P.TensorRef(name, dtype, shape, shm=loc)
-            held.append(loc)
+            ref.shm = region.store(data)
+            held.append(ref.shm)
         else:
-            ref = P.TensorRef(name, dtype, shape, frame=len(frames))
-            frames.append(arr)
+            ref.frame = len(frames)
+            frames.append(data)
         refs.append(ref)
     msg = P.Infer(uuid.uuid4().hex, model, version or 0, refs, outputs,
                   int(timeout_s * 1000) if timeout_s else 0, out_shm, request_id, auth=auth)
@@ -88,8 +90,7 @@ def _infer_message(model: str, inputs: dict[str, np.ndarray], *, version: int | 
 def _result_arrays(msg: P.Message, buffers: list[Any], region: ClientRegion | None
                    ) -> dict[str, np.ndarray]:
     if isinstance(msg, P.ErrorReply):
-        raise error_from_wire({"status": msg.status, "code": msg.code, "message": msg.message,
-                               "param": msg.param})
+        raise error_of(msg)
     if not isinstance(msg, P.InferResult):
         raise FerryError(f"unexpected reply {msg.TYPE!r}", code="bad_message")
     out = {}
@@ -99,9 +100,7 @@ def _result_arrays(msg: P.Message, buffers: list[Any], region: ClientRegion | No
                 raise FerryError("result in shared memory but no region", code="bad_message")
             out[ref.name] = region.read(ref)
         else:
-            buf = buffers[ref.frame_index()]
-            data = buf.buffer if hasattr(buf, "buffer") else buf
-            out[ref.name] = from_buffer(ref.name, ref.dtype, ref.shape, data)
+            out[ref.name] = decode(ref, buffers)
     return out
 
 
@@ -122,8 +121,7 @@ class FerryClient:
         self.sock.send_multipart(P.encode(msg, frames), copy=False)
         while True:
             if not self.sock.poll(int(self.timeout_s * 1000)):
-                raise FerryError("no reply from the daemon in time", code="deadline_exceeded",
-                                 status=504)
+                raise DeadlineExceeded("no reply from the daemon in time")
             reply, buffers = P.decode(self.sock.recv_multipart(copy=False))
             if getattr(reply, "id", None) == getattr(msg, "id", None):
                 return reply, buffers
@@ -174,7 +172,7 @@ class FerryClient:
         """Send pre-encoded frames and return the next reply (for protocol tests)."""
         self.sock.send_multipart(frames)
         if not self.sock.poll(int(self.timeout_s * 1000)):
-            raise FerryError("no reply", code="deadline_exceeded", status=504)
+            raise DeadlineExceeded("no reply")
         return P.decode(self.sock.recv_multipart(copy=False))
 
     def close(self) -> None:
@@ -194,8 +192,7 @@ class FerryClient:
 
 def _check(reply: P.Message) -> None:
     if isinstance(reply, P.ErrorReply):
-        raise error_from_wire({"status": reply.status, "code": reply.code,
-                               "message": reply.message, "param": reply.param})
+        raise error_of(reply)
 
 
 class AsyncFerryClient:

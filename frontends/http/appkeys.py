@@ -6,9 +6,10 @@ from typing import Any
 
 from aiohttp import web
 
+from frontends.access import Access
 from frontends.dispatch import Dispatcher
 
-__all__ = ["FrontendSettings", "DISPATCHER", "SETTINGS", "ON_DRAIN", "request_key"]
+__all__ = ["FrontendSettings", "ACCESS", "DISPATCHER", "SETTINGS", "ON_DRAIN", "request_key"]
 
 
 @dataclass(slots=True)
@@ -20,6 +21,7 @@ class FrontendSettings:
     body_timeout_s: float = 120.0
 
 
+ACCESS = web.AppKey("access", Access)       # the worker's credentials, limits and request log
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 SETTINGS = web.AppKey("settings", FrontendSettings)
 # Called (no arguments) the moment the worker starts draining, before aiohttp's shutdown: for

@@ -1,4 +1,4 @@
-"""Batch jobs over HTTP (`infer` scope); daemon/batch_runner.py executes them in worker 0.
+"""Batch jobs over HTTP (`infer` scope); frontends/http/batch_runner.py executes them in worker 0.
 
     POST /v1/batches                  create, from either body:
         application/json   {"requests": [item, ...], "endpoint"?: URL, "webhook_url"?,
@@ -14,12 +14,12 @@
     POST /v1/batches/{id}/cancel
 
 URLs: /v2/models/{model}[/versions/{v}]/infer (KServe JSON tensors), /v1/chat/completions,
-/v1/completions. Every item's model is checked against the caller's allow-list on submission.
+/v1/completions, /v1/images/generations (its `model` is required here). Every item's model is checked against the caller's allow-list on submission.
 With a webhook and no secret, one is generated and returned once (`webhook_secret`): webhooks
 are always signed. A job is visible to the credential that created it and to admins.
 Submitting a batch counts as one request against the key's rate limit, and every item counts
 as one more when it runs (its tokens too): items wait for the key's budget, they never fail
-for it (daemon/batch_runner.py). Webhook URLs may point
+for it (frontends/http/batch_runner.py). Webhook URLs may point
 anywhere the daemon can reach, including this host: grant `infer` keys accordingly.
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.batch_runner import INFER_URL, OWNER, TEXT_URLS, BatchRunner, ItemExecutor
+from frontends.http.batch_runner import (IMAGES_URL, INFER_URL, OWNER, TEXT_URLS, BatchRunner,
+                                 ItemExecutor)
 from daemon.egress import EgressPolicy
 from daemon.errors import FerryError, InvalidInput
 from daemon.state.batches import BatchJob, JobStatus
@@ -75,12 +76,35 @@ async def _start_runner(app: web.Application) -> None:
         texts = None
     access = app[ACCESS]
     runner = BatchRunner(access.state.batches,
-                         ItemExecutor(app[DISPATCHER], texts, settings.request_timeout_s),
+                         _traced(app, ItemExecutor(app[DISPATCHER], texts,
+                                                   settings.request_timeout_s)),
                          egress=access.egress, charge=lambda owner: _charge(access, owner))
     await runner.start()
     app[RUNNER] = runner
     if ON_DRAIN in app:
         app[ON_DRAIN].append(runner.pause)    # a SIGTERM stops claiming items at once
+
+
+def _traced(app: web.Application, execute: Any) -> Any:
+    """Each item is a trace of its own (`batch <url>`, kind internal, with the job id and item
+    index), so its dispatch and engine spans are recorded as a request's are."""
+    from frontends.http.tracing import TRACER
+    from frontends.spans import ServerSpan
+
+    async def run(item: Any) -> Any:
+        tracer = app.get(TRACER)
+        if tracer is None or not tracer.enabled:
+            return await execute(item)
+        root = ServerSpan(tracer, None, f"batch {item.request.get('url')}")
+        root.record.kind = "internal"
+        failed = True
+        try:
+            result = await execute(item)
+            failed = False
+            return result
+        finally:
+            root.end(failed, **{"ferry.batch_id": item.job_id, "ferry.batch_item": item.idx})
+    return run
 
 
 @asynccontextmanager
@@ -130,9 +154,11 @@ def _item(raw: Any, i: int, endpoint: str | None) -> dict[str, Any]:
     else:
         body = {k: v for k, v in raw.items() if k != "custom_id"}
         url = endpoint
-    if not isinstance(url, str) or not (url in TEXT_URLS or INFER_URL.fullmatch(url)):
-        raise InvalidInput(f"{param}.url must be /v1/chat/completions, /v1/completions or "
-                           "/v2/models/{model}/infer (or give \"endpoint\")",
+    if not isinstance(url, str) or not (url in TEXT_URLS or url == IMAGES_URL
+                                        or INFER_URL.fullmatch(url)):
+        raise InvalidInput(f"{param}.url must be /v1/chat/completions, /v1/completions, "
+                           "/v1/images/generations or /v2/models/{model}/infer (or give "
+                           "\"endpoint\")",
                            code="unsupported_endpoint", param=f"{param}.url")
     if not isinstance(body, dict):
         raise InvalidInput(f"{param}.body must be an object", param=f"{param}.body")

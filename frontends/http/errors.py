@@ -9,7 +9,9 @@ is the OpenAI error object plus `request_id`, used on every route but the KServe
     {"error": "...", "code": "...", "message": "...", "request_id": "..."}
  Handlers raise `FerryError`; this middleware maps it, and maps
 aiohttp's own HTTP errors (404 route, 405, 413 body) to the same shape. The order is fixed:
-FerryError, then aiohttp HTTPException, then anything else as a logged 500.
+FerryError, then aiohttp HTTPException, then a body aiohttp could not decode (400), then a
+timeout no handler turned into an error (a 504 `deadline_exceeded`: the server ran out of time,
+which is neither the client's fault nor a crash), then anything else as a logged 500.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from daemon.errors import FerryError, RateLimited
+from daemon.errors import DeadlineExceeded, FerryError, RateLimited
 from frontends.http.appkeys import request_key
 
 __all__ = ["REQUEST_ID", "error_body", "error_response", "error_middleware", "request_id_of"]
@@ -88,6 +90,9 @@ async def error_middleware(request: web.Request,
         return error_response(request, FerryError(
             "the request body could not be decoded (check Content-Encoding)",
             code="invalid_body", status=400))
+    except TimeoutError:          # asyncio.TimeoutError is TimeoutError since Python 3.11
+        log.warning("%s %s timed out", request.method, request.path, extra={"request_id": rid})
+        return error_response(request, DeadlineExceeded("the request did not finish in time"))
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path,
                       extra={"request_id": rid})

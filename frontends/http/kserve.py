@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -15,12 +16,14 @@ from daemon.model_override import parse_config, parse_files, write_upload
 from frontends.dispatch import Dispatcher
 from frontends.http.appkeys import DISPATCHER, SETTINGS
 from frontends.http.errors import request_id_of
+from frontends.http.images import reserve_tensor_units
 from frontends.http.json_body import decode_json
 from frontends.http.kserve_classify import classify_output, labels_for
 from frontends.http.kserve_codec import NUMPY_TO_KSERVE, encode_outputs, parse_infer, parse_raw
 from frontends.http.kserve_settings import get_logging, get_trace, set_logging, set_trace
 from frontends.http.kserve_stats import statistics
 from frontends.http.security import ACCESS, principal_of
+from frontends.http.textgen import USAGE, Usage
 
 __all__ = ["routes", "SERVER_EXTENSIONS"]
 
@@ -165,6 +168,9 @@ async def infer(request: web.Request) -> web.Response:
     log.debug("infer %s: %d inputs, %d by shared memory", request.match_info["model"],
               len(parsed.arrays), len(parsed.region_refs),
               extra={"request_id": request_id_of(request)})
+    # an image model's images count against the key's budget as on its other routes
+    units = await reserve_tensor_units(d, request.match_info["model"], _version(request),
+                                       parsed.arrays)
     outcome = await d.infer(
         request.match_info["model"], _version(request), parsed.arrays,
         outputs=[o.name for o in parsed.outputs] if parsed.outputs else None,
@@ -178,6 +184,8 @@ async def infer(request: web.Request) -> web.Response:
         entries, chunks = encode_outputs(arrays, parsed, out_shm)
     finally:
         outcome.release()
+    if units:
+        request[USAGE] = Usage(completion_tokens=units)
     head: dict[str, Any] = {"model_name": outcome.model, "model_version": str(outcome.version),
                             "outputs": entries}
     if parsed.id is not None:
@@ -354,13 +362,25 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "live"})
 
 
+# Absolute file system paths in load errors: /readyz is open to anyone, so they are masked.
+_ABS_PATH = re.compile(r"(?<![\w.])/[^\s:'\"]+")
+
+
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
+    """Per-model state; `errors` says why each failed version failed (its load error, paths
+    masked): a model whose config or tokenizer Ferry cannot serve never reads "ready"."""
     pl = request.app[DISPATCHER].placement
     state = pl.state if pl is not None else "starting"
-    models = {}
+    models: dict[str, Any] = {}
+    errors: dict[str, Any] = {}
     if pl is not None:
         for name, m in pl.models.items():
-            models[name] = {v: d.get("state") for v, d in m.get("versions", {}).items()}
-    return web.json_response({"status": state, "models": models},
-                             status=200 if state == "ready" else 503)
+            versions = m.get("versions", {})
+            models[name] = {v: d.get("state") for v, d in versions.items()}
+            failed = {v: _ABS_PATH.sub("<path>", str(d.get("error") or "load failed"))
+                      for v, d in versions.items() if d.get("state") == "failed"}
+            if failed:
+                errors[name] = failed
+    body = {"status": state, "models": models, **({"errors": errors} if errors else {})}
+    return web.json_response(body, status=200 if state == "ready" else 503)

@@ -17,7 +17,7 @@ import numpy as np
 
 from daemon import protocol as P
 from daemon.errors import InvalidInput
-from daemon.tensor_bytes import BYTES, deserialize, wire_dtype
+from daemon.tensor_bytes import BYTES, from_buffer, wire_dtype
 from frontends.http.json_body import decode_json
 
 __all__ = ["KSERVE_TO_NUMPY", "NUMPY_TO_KSERVE", "ParsedInfer", "parse_infer", "parse_raw",
@@ -190,8 +190,7 @@ def parse_infer(body: bytes, header_length: str | None) -> ParsedInfer:
                 raise _bad(f"input {name!r}: the binary body ends before its {size} bytes",
                            "truncated_body", name)
             chunk = binary[pos:pos + size]
-            arrays[name] = deserialize(chunk, shape, name) if dtype == BYTES else \
-                np.frombuffer(chunk, dtype=dtype).reshape(shape)
+            arrays[name] = from_buffer(name, dtype, shape, chunk)
             pos += size
         elif "data" in item:
             arrays[name] = _json_data(name, dtype, shape, item["data"])
@@ -314,5 +313,5 @@ def parse_raw(body: bytes, inputs: list[dict[str, Any]], max_batch_size: int) ->
     if len(body) != need:
         raise _bad(f"raw binary input {name!r}: the body has {len(body)} bytes, "
                    f"{NUMPY_TO_KSERVE[dtype]} {dims} needs {need}", "invalid_shape", name)
-    arr = np.frombuffer(body, dtype=dtype).reshape(dims)
+    arr = from_buffer(name, dtype, tuple(dims), body)
     return ParsedInfer(None, {name: arr}, [], None, True)

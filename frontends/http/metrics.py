@@ -6,7 +6,8 @@ and the engine-side numbers (KV cache, prefix cache, arenas, queues, restarts) a
 time from the engines' stats and the supervisor's placement, so they are exact and cost nothing
 per request. The same engine stats feed vLLM's metric names and the ORCA load-report header
 that LLM routers read (frontends/http/vllm_compat.py). GPU gauges come from NVML when the `pynvml` module and a driver are present; without
-them the GPU families are simply absent.
+them the GPU families are simply absent. Client-defined series (POST /metrics/custom) are read
+from the state database at scrape time (frontends/http/custom_metrics.py).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from typing import Any, Awaitable, Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, Metric)
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from daemon import metrics
@@ -26,8 +28,10 @@ from daemon import protocol as P
 from daemon.errors import FerryError
 from frontends.dispatch import Dispatcher
 from frontends.http.appkeys import DISPATCHER
+from frontends.http.custom_metrics import custom_families
 from frontends.http.vllm_compat import (ORCA_REQUEST_HEADER, ORCA_RESPONSE_HEADER, llm_loads,
                                         orca_header, vllm_families)
+from frontends.http.vllm_compat import _cumulative as cumulative_buckets
 
 __all__ = ["setup", "metrics_middleware", "engine_families", "gpu_families"]
 
@@ -62,6 +66,23 @@ _MODEL_COUNTERS = (
     ("prefix_cache_hit_tokens", "ferry_prefix_cache_hit_tokens",
      "Prompt tokens found in the prefix cache."),
     ("preemptions", "ferry_llm_preemptions", "Sequences preempted for lack of KV blocks."))
+
+# Diffusion models (stats with "diffusion_latency"): counters, gauges and the engine's own
+# step / image histograms, per engine, model and version.
+_DIFFUSION_COUNTERS = (
+    ("images", "ferry_diffusion_images", "Images a diffusion model generated (PNG encoded)."),
+    ("steps", "ferry_diffusion_steps", "Denoising steps (one forward of a batch of images)."),
+    ("row_steps", "ferry_diffusion_image_steps", "Denoising steps summed over the images "
+     "each step advanced."))
+_DIFFUSION_OUTCOMES = ("completed", "cancelled", "expired", "failed")
+_DIFFUSION_GAUGES = (
+    ("active_rows", "ferry_diffusion_active_images", "Images in a running denoising batch."),
+    ("waiting_rows", "ferry_diffusion_waiting_images", "Images waiting for a batch slot."))
+_DIFFUSION_HISTOGRAMS = (
+    ("step", "ferry_diffusion_step_seconds", "Time of one denoising step (a forward of the "
+     "batch's images and their scheduler steps)."),
+    ("image", "ferry_diffusion_image_seconds", "Time from the engine receiving a request to "
+     "one of its images being encoded."))
 
 # Routes whose responses carry an ORCA load report when the request asks for one (vLLM's).
 _ORCA_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -131,7 +152,8 @@ async def _orca_on_prepare(request: web.Request, response: web.StreamResponse) -
 async def metrics_view(request: web.Request) -> web.Response:
     d = request.app[DISPATCHER]
     stats = await _engine_stats(d)
-    families = [*engine_families(d.placement, stats), *vllm_families(stats), *gpu_families()]
+    families = [*engine_families(d.placement, stats), *vllm_families(stats), *gpu_families(),
+                *await custom_families(request.app)]
     # Reading every process's files is disk work: keep it off the event loop.
     body = await asyncio.get_running_loop().run_in_executor(None, _render, families)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
@@ -191,6 +213,7 @@ def engine_families(placement: P.Placement | None,
     out: list[Metric] = [ready, up, restarts, _model_ready(placement)]
     out += _per_engine(stats)
     out += _per_model(stats)
+    out += _diffusion(stats)
     return out
 
 
@@ -240,6 +263,38 @@ def _per_model(stats: dict[str, dict[str, Any]]) -> list[Metric]:
             if isinstance(total, (int, float)) and total > 0:
                 usage.add_metric(values, float(model_stats.get("kv_blocks_used", 0)) / total)
     return [fam for fam in (*gauges.values(), *counters.values(), usage) if fam.samples]
+
+
+def _diffusion(stats: dict[str, dict[str, Any]]) -> list[Metric]:
+    labels = ["engine", "model", "version"]
+    counters = {key: CounterMetricFamily(name, doc, labels=labels)
+                for key, name, doc in _DIFFUSION_COUNTERS}
+    gauges = {key: GaugeMetricFamily(name, doc, labels=labels)
+              for key, name, doc in _DIFFUSION_GAUGES}
+    histograms = {key: HistogramMetricFamily(name, doc, labels=labels)
+                  for key, name, doc in _DIFFUSION_HISTOGRAMS}
+    outcomes = CounterMetricFamily("ferry_diffusion_requests", "Generation requests that "
+                                   "ended, by outcome.", labels=[*labels, "outcome"])
+    for eid, s in sorted(stats.items()):
+        for key, model_stats in sorted(s.get("models", {}).items()):
+            latency = model_stats.get("diffusion_latency")
+            if not isinstance(latency, dict):
+                continue
+            name, _, ver = key.rpartition(":")
+            values = [eid, name, ver]
+            for table in (counters, gauges):
+                for stat, fam in table.items():
+                    value = model_stats.get(stat)
+                    if isinstance(value, (int, float)):
+                        fam.add_metric(values, float(value))
+            for outcome in _DIFFUSION_OUTCOMES:
+                outcomes.add_metric([*values, outcome], float(model_stats.get(outcome, 0)))
+            for stat, hist in histograms.items():
+                h = latency.get(stat)
+                if isinstance(h, dict):
+                    hist.add_metric(values, cumulative_buckets(h), float(h["sum"]))
+    return [fam for fam in (*counters.values(), outcomes, *gauges.values(),
+                            *histograms.values()) if fam.samples]
 
 
 # -- GPUs (NVML) --------------------------------------------------------------------------------

@@ -7,10 +7,12 @@ events in OpenAI's chunk format ending with `data: [DONE]`. Errors use the OpenA
 cancels its engine requests at once (frontends/http/sse.py).
 
 Extensions beyond OpenAI, as vLLM names them: top_k, min_p, repetition_penalty, ignore_eos,
-stop_token_ids; a model may be named `name:version` to pin a version. Chat takes OpenAI's
-`tools` and `tool_choice` (frontends/http/tools.py): calls come back as `message.tool_calls`
-with `finish_reason` "tool_calls", streamed as `delta.tool_calls` chunks. vLLM's `/health` probe
-is here too, and its `/tokenize` and `/detokenize` (frontends/http/tokenization.py).
+stop_token_ids; a model may be named `name:version` to pin a version. `prompt_template` renders
+a stored template into the prompt or messages (frontends/http/prompt_templates.py).
+Chat takes OpenAI's `tools` and `tool_choice` (frontends/http/tools.py): calls come back as
+`message.tool_calls` with `finish_reason` "tool_calls", streamed as `delta.tool_calls` chunks.
+vLLM's `/health` probe is here too, and its `/tokenize` and `/detokenize`
+(frontends/http/tokenization.py).
 """
 from __future__ import annotations
 
@@ -36,9 +38,12 @@ from frontends.http.errors import error_body, request_id_of
 from frontends.http.json_body import decode_json
 from frontends.http.openai_schema import (ChatRequest, GenParams, parse_chat,
                                           parse_completion, parse_embeddings)
-from frontends.http.sse import SSEResponse, until_disconnect
+from frontends.http.prompt_templates import with_prompt_template
+from frontends.http.resume import (RESUME_STORE, RetainedSink, local_events, owner_of, relay,
+                                   resume_from_header)
+from frontends.http.sse import EventSink, SSEResponse, until_disconnect
 from frontends.http.security import principal_of
-from frontends.http.textgen import (TEXTS, USAGE, Generation, Piece, TextModel,
+from frontends.http.textgen import (TEXTS, TOKEN_RESERVER, USAGE, Generation, Piece, TextModel,
                                     encode_prompts, install, model_toml, resolve_model)
 from frontends.http.tool_calls import ToolCallParser, parse_calls
 from frontends.http.tools import constraint, pick_format, render_messages
@@ -114,15 +119,32 @@ async def get_model(request: web.Request) -> web.Response:
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req = parse_chat(await read_json(request), allow_tools=True)
+    resumed = await resume_from_header(request)
+    if resumed is not None:
+        return resumed
+    body = await with_prompt_template(request, await read_json(request), "messages")
+    req = await _off_loop_if_large(request, functools.partial(parse_chat, allow_tools=True),
+                                   body)
     tm = await request.app[TEXTS].text_model(req.model)
-    prompt, parsers = _chat_prompt(tm, req)
+    prompt, parsers = await _off_loop_if_large(request, functools.partial(_chat_prompt, tm),
+                                               req)
     ids = await tm.encode(prompt, add_special_tokens=False, param="messages")
     return await _serve(request, tm, [ids], req.params, _Shape(chat=True), "messages", [""],
                         parsers)
 
 
 _Parsers = Callable[[], ToolCallParser]
+_LARGE_BODY = 32 << 10     # parsed off the event loop above this: a big JSON schema's grammar
+                           # is compiled to check it (~160 ms for 256 KiB)
+
+
+async def _off_loop_if_large(request: web.Request, parse: Callable[[Any], Any], body: Any) -> Any:
+    size = request.content_length
+    if size is None:            # chunked: the body is read already (cached by aiohttp)
+        size = len(await request.read())
+    if size > _LARGE_BODY:
+        return await asyncio.to_thread(parse, body)
+    return parse(body)
 
 
 def _chat_prompt(tm: TextModel, req: ChatRequest) -> tuple[str, _Parsers | None]:
@@ -157,7 +179,11 @@ def _chat_prompt(tm: TextModel, req: ChatRequest) -> tuple[str, _Parsers | None]
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
-    req = parse_completion(await read_json(request))
+    resumed = await resume_from_header(request)
+    if resumed is not None:
+        return resumed
+    body = await with_prompt_template(request, await read_json(request), "prompt")
+    req = await _off_loop_if_large(request, parse_completion, body)
     tm = await request.app[TEXTS].text_model(req.model)
     prompts = await encode_prompts(tm, req.prompts)
     echo = [p if isinstance(p, str) else tm.tokenizer.decode(p) for p in req.prompts] \
@@ -223,14 +249,24 @@ class _Shape:
 async def _serve(request: web.Request, tm: TextModel, prompts: list[list[int]],
                  params: GenParams, shape: _Shape, prompt_param: str,
                  echo: list[str], parsers: _Parsers | None = None) -> web.StreamResponse:
+    store = request.app.get(RESUME_STORE) if params.resumable else None
+    if params.resumable and (store is None or not store.enabled):
+        raise InvalidInput("resumable streams are off on this server "
+                           "(server.stream_resume_window_s = 0)", code="resume_disabled",
+                           param="stream_options.resumable")
     gen = await Generation.start(request.app[DISPATCHER], tm, prompts, params,
                                  request_id=request_id_of(request), prompt_param=prompt_param)
     request[USAGE] = gen.usage      # counts as tokens arrive; charged to the key at the end
-    head = {"id": shape.prefix + uuid.uuid4().hex, "object": shape.object,
+    stream_id = store.new_id(shape.prefix) if store is not None \
+        else shape.prefix + uuid.uuid4().hex
+    head = {"id": stream_id, "object": shape.object,
             "created": int(time.time()), "model": tm.name,
             "system_fingerprint": SYSTEM_FINGERPRINT}
     echoes = [echo[i // params.n] for i in range(len(gen.choices))]
     async with gen:     # however this ends, nothing stays running in the engine
+        if store is not None:
+            return await _resumable(request, store, gen, tm, params, shape, head, echoes,
+                                    parsers)
         if params.stream:
             sse = SSEResponse(request)
             await until_disconnect(request, _stream(sse, gen, tm, params, shape, head, echoes,
@@ -241,6 +277,32 @@ async def _serve(request: web.Request, tm: TextModel, prompts: list[list[int]],
     if body is None:
         return web.Response(status=_CLIENT_CLOSED)
     return web.json_response(body, dumps=_dumps)
+
+
+async def _resumable(request: web.Request, store: Any, gen: Generation, tm: TextModel,
+                     params: GenParams, shape: _Shape, head: dict[str, Any],
+                     echoes: list[str], parsers: _Parsers | None) -> web.StreamResponse:
+    """A stream that outlives its connection (frontends/http/resume.py): the generation writes
+    into the retained stream, this connection (and any resumed one) reads it. The handler
+    stays until the generation ends, so its tokens are charged to this request."""
+    from frontends.http.resume import _response
+    stream = store.create(head["id"], owner_of(request))
+    producer = asyncio.ensure_future(_stream(RetainedSink(stream, request), gen, tm, params,
+                                             shape, head, echoes, parsers))
+    stream.producer = producer
+    resp = _response(request, stream.id)
+    try:
+        await relay(request, resp, local_events(stream, 0))
+        await asyncio.wait([producer])
+    finally:
+        if not producer.done():     # this handler was cancelled (shutdown)
+            producer.cancel()
+            await asyncio.wait([producer])
+    if not producer.cancelled():
+        exc = producer.exception()
+        if exc is not None and not isinstance(exc, ConnectionResetError):
+            raise exc
+    return resp
 
 
 def _dumps(obj: Any) -> str:
@@ -282,7 +344,7 @@ def _with_calls(choice: dict[str, Any], parser: ToolCallParser) -> None:
             choice["finish_reason"] = "tool_calls"
 
 
-async def _stream(sse: SSEResponse, gen: Generation, tm: TextModel, params: GenParams,
+async def _stream(sse: EventSink, gen: Generation, tm: TextModel, params: GenParams,
                   shape: _Shape, head: dict[str, Any], echoes: list[str],
                   parsers: _Parsers | None) -> None:
     head = {**head, "object": shape.chunk_object}
@@ -316,7 +378,7 @@ async def _stream(sse: SSEResponse, gen: Generation, tm: TextModel, params: GenP
     await sse.close()
 
 
-async def _send_piece(sse: SSEResponse, p: Piece, tm: TextModel, shape: _Shape,
+async def _send_piece(sse: EventSink, p: Piece, tm: TextModel, shape: _Shape,
                       head: dict[str, Any], offsets: list[int], unroled: set[int]) -> None:
     lp = shape.logprobs(tm, p.token_ids, p.logprobs, offsets[p.index], p.top_logprobs)
     offsets[p.index] += len(p.text)
@@ -332,7 +394,7 @@ async def _send_piece(sse: SSEResponse, p: Piece, tm: TextModel, shape: _Shape,
                                                        role)]})
 
 
-async def _send_tool_piece(sse: SSEResponse, p: Piece, parser: ToolCallParser, tm: TextModel,
+async def _send_tool_piece(sse: EventSink, p: Piece, parser: ToolCallParser, tm: TextModel,
                            head: dict[str, Any], unroled: set[int]) -> None:
     """A chat piece of a request with tools: content, then `delta.tool_calls` chunks (a call's
     index, id, type and name first, its arguments in pieces after) as the openai client
@@ -415,6 +477,9 @@ async def embeddings(request: web.Request) -> web.Response:
                            "'dimensions' are not supported", code="unsupported_parameter",
                            param="dimensions")
     ids = await _embed_tokens(emb, req.inputs)
+    reserve = TOKEN_RESERVER.get()      # the key's tokens per minute, before the engine runs
+    if reserve is not None:
+        await reserve(sum(len(x) for x in ids))
     vectors = await _embed(request, emb, ids)
     data = []
     for i, vec in enumerate(vectors):

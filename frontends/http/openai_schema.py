@@ -61,10 +61,13 @@ class GenParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0                  # eos / stop_token_ids cannot end the output earlier
+    deterministic: bool = False          # tokens independent of batch company and cache state
     logprobs: bool = False
     top_logprobs: int = 0                # alternatives per token, with logprobs
     stream: bool = False
     include_usage: bool = False
+    resumable: bool = False              # stream_options.resumable (frontends/http/resume.py)
     user: str | None = None
     structured: dict[str, Any] | None = None   # an output constraint (frontends/http/structured)
 
@@ -79,7 +82,8 @@ class GenParams:
                 "presence_penalty": self.presence_penalty,
                 "frequency_penalty": self.frequency_penalty,
                 "stop_token_ids": list(self.stop_token_ids), "ignore_eos": self.ignore_eos,
-                "seed": seed, "logprobs": self.logprobs, "top_logprobs": self.top_logprobs,
+                "min_tokens": min(self.min_tokens, max_tokens),
+                "deterministic": self.deterministic, "seed": seed, "logprobs": self.logprobs, "top_logprobs": self.top_logprobs,
                 "structured": self.structured}
 
 
@@ -218,6 +222,10 @@ def _gen_params(body: dict[str, Any], *, chat: bool) -> GenParams:
     if body.get("stop_token_ids") is not None:
         p.stop_token_ids = _token_list(body["stop_token_ids"], "stop_token_ids")
     p.ignore_eos = _bool(body, "ignore_eos")
+    p.min_tokens = _int(body, "min_tokens", 0, 2**31 - 1, 0)
+    if p.max_tokens is not None and p.min_tokens > p.max_tokens:
+        raise _bad("min_tokens", f"must be at most {key} ({p.max_tokens})")
+    p.deterministic = _bool(body, "deterministic")
     p.stream = _bool(body, "stream")
     p.user = _optional_str(body, "user")
     p.structured = parse_structured(body)
@@ -242,6 +250,10 @@ def _stream_options(body: dict[str, Any], p: GenParams) -> None:
     if usage is not None and not isinstance(usage, bool):
         raise _bad("stream_options.include_usage", "must be a boolean")
     p.include_usage = bool(usage)
+    resumable = opts.get("resumable")
+    if resumable is not None and not isinstance(resumable, bool):
+        raise _bad("stream_options.resumable", "must be a boolean")
+    p.resumable = bool(resumable)
 
 
 # -- chat ------------------------------------------------------------------------------------
@@ -323,8 +335,9 @@ def _messages(body: dict[str, Any], allow_tools: bool) -> list[dict[str, Any]]:
 _GENERATION_FIELDS = frozenset({
     "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "seed", "n", "stop", "stop_token_ids", "ignore_eos",
-    "stream", "stream_options", "user", "logit_bias", "best_of", "logprobs", "response_format",
-    "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"})
+    "min_tokens", "deterministic", "stream", "stream_options", "user", "logit_bias", "best_of",
+    "logprobs", "response_format", "structured_outputs", "guided_json", "guided_regex",
+    "guided_choice", "guided_grammar"})
 _CHAT_FIELDS = _GENERATION_FIELDS | {"messages", "max_completion_tokens", "top_logprobs",
                                      "tools", "tool_choice", "parallel_tool_calls", "functions",
                                      "function_call"}

@@ -242,6 +242,16 @@ def _openai_paths() -> dict[str, Schema]:
         "/v1/completions": {"post": _op(
             "completions", "Text completion", "openai", _INFER, generation("Completion"),
             body=_body(_ref("CompletionRequest")))},
+        "/v1/streams/{stream_id}": {"get": _op(
+            "resume_stream", "Resume a resumable stream (stream_options.resumable) from "
+            "Last-Event-ID or ?last_event_id=", "openai", _INFER,
+            {"200": {"description": "the stream's events after the given one", "content": sse}},
+            params=({"name": "stream_id", "in": "path", "required": True,
+                     "schema": {"type": "string"}},
+                    {"name": "last_event_id", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "Last-Event-ID", "in": "header", "required": False,
+                     "schema": {"type": "string"}}))},
         "/v1/embeddings": {"post": _op(
             "embeddings", "Embeddings (tensor models with a tokenizer)", "openai", _INFER,
             _ok(_ref("EmbeddingList")), body=_body(_ref("EmbeddingRequest")))},
@@ -265,9 +275,21 @@ def _openai_paths() -> dict[str, Schema]:
                 "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}}}}))},
         "/health": {"get": _op("health", "vLLM's probe: 200 when ready (no body)", "health",
                                _OPEN, {**_ok(None, "ready"), **_NOT_READY})},
+        "/get_load": {"get": _op(
+            "get_load", "Load report polled by routers' power_of_two policy (vllm-router, "
+            "sglang-router): generations running + waiting", "health", _INFER,
+            _ok({"type": "object", "required": ["load", "num_requests_running",
+                                                "num_requests_waiting", "kv_cache_usage_perc",
+                                                "models"],
+                 "properties": {"load": {"type": "integer"},
+                                "num_requests_running": {"type": "integer"},
+                                "num_requests_waiting": {"type": "integer"},
+                                "kv_cache_usage_perc": {"type": "number"},
+                                "models": {"type": "object"}}}))},
         "/v1/ws": {"get": _op(
-            "websocket", "WebSocket: `auth`, `inference`, `cancel`, `ping` messages (see "
-            "frontends/http/ws.py)", "openai", _INFER,
+            "websocket", "WebSocket: `auth`, `inference` (text, or an image model with "
+            "`progress` events), `cancel`, `ping` messages (see frontends/http/ws.py)",
+            "openai", _INFER,
             {"101": {"description": "switching protocols"}})},
     }
 
@@ -389,10 +411,59 @@ def _admin_paths() -> dict[str, Schema]:
             _ADMIN, _ok({"type": "object"}, status="201"),
             params=(_param("name", "path", {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$"},
                            "model name"),), body=upload)},
+        **_template_paths(),
+        "/metrics/custom": {
+            "post": _op("post_custom_metric", "Set a gauge or add to a counter (exported on "
+                        "/metrics)", "metrics", _ADMIN, _ok(_ref("CustomMetricSeries")),
+                        body=_body(_ref("CustomMetricRequest"))),
+            "get": _op("list_custom_metrics", "Every client-defined series", "metrics", _ADMIN,
+                       _ok(_ref("CustomMetricList")))},
+        "/traces": {"get": _op(
+            "traces", "Recent request spans of every HTTP worker, newest first", "metrics",
+            _ADMIN, _ok(_ref("Traces")), params=(
+                _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000},
+                       "spans (default 100)"),
+                _param("trace_id", "query", {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                       "only this trace's spans")))},
+        "/metrics/custom/{name}": {"delete": _op(
+            "delete_custom_metric", "Remove every series of a client-defined metric", "metrics",
+            _ADMIN, _ok({"type": "object"}),
+            params=(_param("name", "path", {"type": "string", "minLength": 1}, "metric name"),))},
         "/metrics": {"get": _op("metrics", "Prometheus metrics of every process", "metrics",
                                 _OPEN, _ok({"type": "string"}, media="text/plain"))},
         OPENAPI_PATH: {"get": _op("openapi", "This document", "meta", _OPEN,
                                   _ok({"type": "object"}))},
+    }
+
+
+def _template_paths() -> dict[str, Schema]:
+    """frontends/http/prompt_templates.py."""
+    name = _param("name", "path", {"type": "string", "minLength": 1}, "template name")
+    version = _param("version", "path", {"type": "string", "pattern": "^[1-9][0-9]*$"},
+                     "template version")
+    one = _ok(_ref("PromptTemplate"))
+    gone = _ok({"type": "object"})
+    base = "/admin/prompt-templates"
+    return {
+        base: {"post": _op("create_prompt_template", "Store a prompt template (version 1)",
+                           "admin", _ADMIN, _ok(_ref("PromptTemplate"), status="201"),
+                           body=_body(_ref("PromptTemplateCreateRequest"))),
+               "get": _op("list_prompt_templates", "Prompt templates", "admin", _ADMIN,
+                          _ok(_ref("PromptTemplateList")))},
+        base + "/{name}": {
+            "get": _op("get_prompt_template", "One version (the latest by default)", "admin",
+                       _ADMIN, one, params=(name, _param(
+                           "version", "query", {"type": "string", "pattern": "^[1-9][0-9]*$"},
+                           "version"))),
+            "delete": _op("delete_prompt_template", "Delete every version", "admin", _ADMIN,
+                          gone, params=(name,))},
+        base + "/{name}/versions": {"post": _op(
+            "add_prompt_template_version", "Store the next version", "admin", _ADMIN,
+            _ok(_ref("PromptTemplate"), status="201"), params=(name,),
+            body=_body(_ref("PromptTemplateVersionRequest")))},
+        base + "/{name}/versions/{version}": {"delete": _op(
+            "delete_prompt_template_version", "Delete one version", "admin", _ADMIN, gone,
+            params=(name, version))},
     }
 
 
@@ -424,6 +495,10 @@ def document() -> Schema:
     for part in (_kserve_paths(), _openai_paths(), _vision_paths(), _batch_paths(),
                  _admin_paths()):
         paths.update(part)
+    from frontends.http.images import openapi_paths as image_paths
+    paths.update(image_paths())
+    from frontends.http.compat.docs import compat_paths   # imports the route modules
+    paths.update(compat_paths())
     # A deep copy: the parts share module-level schemas, and tools edit documents in place.
     return copy.deepcopy({
         "openapi": "3.1.0",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from daemon.batch_runner import INFER_URL, TEXT_URLS
+from frontends.http.batch_runner import IMAGES_URL, INFER_URL, TEXT_URLS
 from daemon.state.keys import SCOPES
 from frontends.http.kserve_codec import KSERVE_TO_NUMPY, MAX_TENSORS
 from frontends.http.openai_schema import (MAX_EMBED_INPUTS, MAX_N, MAX_PROMPTS, MAX_STOP_CHARS,
@@ -131,7 +131,9 @@ _KSERVE: dict[str, Schema] = {
     "RepositoryEntry": _obj({"name": _STR, "version": _STR, "state": _STR, "reason": _STR},
                             ("name",)),
     "Health": _obj({"status": _STR}, ("status",)),
-    "Ready": _obj({"status": _STR, "models": {"type": "object", "additionalProperties": _OBJ}},
+    "Ready": _obj({"status": _STR, "models": {"type": "object", "additionalProperties": _OBJ},
+                   "errors": {"type": "object", "additionalProperties": _OBJ,
+                              "description": "per model, per failed version: why it failed"}},
                   ("status", "models")),
 }
 
@@ -154,9 +156,15 @@ _GENERATION: Schema = {
     "stop": {"anyOf": [_STOP, _list(_STOP, hi=MAX_STOPS), {"type": "null"}]},
     "stop_token_ids": _list(_TOKEN),
     "ignore_eos": _BOOL,
+    "min_tokens": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1,
+                   "description": "EOS and stop_token_ids cannot end the output before this "
+                                  "many tokens; at most max_tokens (vLLM's extension)"},
+    "deterministic": _BOOL,
     "stream": _BOOL,
-    "stream_options": {**_obj({"include_usage": _BOOL}),
-                       "description": "only with `stream: true`"},
+    "stream_options": {**_obj({"include_usage": _BOOL, "resumable": _BOOL}),
+                       "description": "only with `stream: true`; `resumable`: the stream "
+                                      "survives a dropped connection (resume with "
+                                      "Last-Event-ID or GET /v1/streams/{id})"},
     "user": {"type": "string", "maxLength": 256},
     "logit_bias": {"type": "object", "maxProperties": 0, "description": "not supported"},
 }
@@ -196,10 +204,21 @@ def _texts(item: Schema, hi: int) -> Schema:
                       _list(_list(_TOKEN, lo=1), lo=1, hi=hi)]}
 
 
+# A stored prompt template (frontends/http/prompt_templates.py), rendered into the request.
+_TEMPLATE_NAME: Schema = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"}
+_PROMPT_TEMPLATE = {**_obj({
+    "name": _TEMPLATE_NAME, "version": _range("integer", 1, 2**63 - 1),
+    "variables": {"type": "object", "description": "the template's variables (JSON values)"},
+    "role": {"type": "string", "enum": ["user", "system", "assistant"]}}, ("name",),
+    closed=True), "description": "render the stored template `name` (the latest version unless "
+                                 "`version`) with `variables` and append it to `messages` as a "
+                                 "message of `role` (default user)"}
+
 _OPENAI: dict[str, Schema] = {
     "ChatCompletionRequest": _obj({
         **_GENERATION,
         "messages": _list(_MESSAGE, lo=1),
+        "prompt_template": _PROMPT_TEMPLATE,
         "max_completion_tokens": _nullable({"type": "integer", "minimum": 1, "maximum": _I31}),
         "logprobs": _BOOL,
         "top_logprobs": {**_range("integer", 0, 20),
@@ -215,7 +234,9 @@ _OPENAI: dict[str, Schema] = {
                      "description": "the sampled tokens' logprobs and this many alternatives"},
         "suffix": {"type": "string", "maxLength": 0, "description": "not supported"},
         "response_format": _RESPONSE_FORMAT},
-        ("model", "prompt"), dependent=_STREAM_OPTIONS_NEED_STREAM),
+        ("model", "prompt"), dependent=_STREAM_OPTIONS_NEED_STREAM) | {
+            "description": "`prompt_template` (as on chat, without `role`) may replace "
+                           "`prompt`: the rendered template is the prompt"},
     "EmbeddingRequest": _obj({
         "model": _GENERATION["model"], "input": _texts(_STR, MAX_EMBED_INPUTS),
         "encoding_format": {"type": "string", "enum": ["float", "base64"]},
@@ -245,7 +266,7 @@ _OPENAI: dict[str, Schema] = {
 
 # -- batches ------------------------------------------------------------------------------------
 
-_BATCH_URL = {"anyOf": [{"type": "string", "enum": list(TEXT_URLS)},
+_BATCH_URL = {"anyOf": [{"type": "string", "enum": [*TEXT_URLS, IMAGES_URL]},
                         {"type": "string", "pattern": f"^{INFER_URL.pattern}$"}]}
 _BATCHES: dict[str, Schema] = {
     "BatchItem": {**_obj({"custom_id": _STR, "method": {"type": "string", "enum": ["POST"]},
@@ -308,6 +329,40 @@ _ADMIN: dict[str, Schema] = {
     "ApiKeyList": _obj({"object": _STR, "data": _list(_ref("ApiKey"))}, ("object", "data")),
     "RequestLog": _obj({"object": _STR, "data": _list(_OBJ), "next_cursor": _nullable(_STR)},
                        ("object", "data")),
+    "PromptTemplateCreateRequest": _obj({
+        "name": _TEMPLATE_NAME, "template": {"type": "string", "minLength": 1,
+                                             "description": "Jinja source (sandboxed)"},
+        "description": {"type": "string", "maxLength": 1024}}, ("name", "template"),
+        closed=True),
+    "PromptTemplateVersionRequest": _obj({
+        "template": {"type": "string", "minLength": 1},
+        "description": {"type": "string", "maxLength": 1024}}, ("template",), closed=True),
+    "PromptTemplate": _obj({"name": _STR, "version": _INT, "template": _STR,
+                            "description": _nullable(_STR), "created_at": _NUM,
+                            "versions": _list(_INT)}, ("name", "version", "template")),
+    "CustomMetricRequest": _obj({
+        "name": {"type": "string", "pattern": "^[a-zA-Z_:][a-zA-Z0-9_:]{0,199}$",
+                 "description": "Prometheus name; not ferry_/vllm:/vllm_/process_/python_, "
+                                "not ending in _total/_created/_bucket/_count/_sum/_info"},
+        "value": {"type": "number", "description": "a gauge's value; a counter's increment "
+                                                   "(>= 0)"},
+        "type": {"type": "string", "enum": ["gauge", "counter"]},
+        "labels": {"type": "object", "additionalProperties": {"type": "string",
+                                                              "maxLength": 256}},
+        "help": {"type": "string", "maxLength": 256}}, ("name", "value", "type"), closed=True),
+    "CustomMetricSeries": _obj({"name": _STR, "type": _STR, "labels": _OBJ, "value": _NUM,
+                                "help": _STR}, ("name", "type", "value")),
+    "Traces": _obj({"traces": _list(_obj({
+        "trace_id": _STR, "span_id": _STR, "parent_span_id": _nullable(_STR),
+        "operation_name": _STR, "start_time": {"type": "string", "format": "date-time"},
+        "duration_ms": _NUM, "status": {"type": "string", "enum": ["ok", "error"]},
+        "attributes": _OBJ}, ("trace_id", "span_id", "operation_name", "start_time",
+                              "duration_ms", "status")))}, ("traces",)),
+    "CustomMetricList": _obj({"object": _STR, "data": _list(_ref("CustomMetricSeries"))},
+                             ("object", "data")),
+    "PromptTemplateList": _obj({"object": _STR, "data": _list(_obj({
+        "name": _STR, "latest_version": _INT, "versions": _list(_INT), "created_at": _NUM,
+        "updated_at": _NUM}, ("name", "latest_version")))}, ("object", "data")),
 }
 
 COMPONENT_SCHEMAS: dict[str, Schema] = {**_ERRORS, **_KSERVE, **_OPENAI, **_BATCHES, **_ADMIN}

@@ -24,7 +24,8 @@ Route policies (scope needed; "open" needs none):
            /openapi.json: probes, scrapers and API tooling carry no keys; they expose states,
            counters and the API's description, no data.
            POST /admin/login (its own per-address throttle).
-    admin  /admin/* (always, even with auth.required = false), /v2/repository/*,
+    admin  /admin/*, /metrics/custom* (client-defined metrics every scraper sees) and /traces
+           (recent requests' spans), always, even with auth.required = false; /v2/repository/*,
            /v2/systemsharedmemory/*, /v2/cudasharedmemory/* (mapping a segment by name is a
            host-level power, not an inference right), /v2/logging, /v2/trace/setting.
     infer  /v2/models/{model}/... (infer, metadata, config, ready, stats, and the per-model
@@ -35,6 +36,10 @@ Route policies (scope needed; "open" needs none):
            socket authenticates with its first `auth` message or the upgrade's headers, via
            `authenticate_ws`), /v1/batches (every item's model is checked on submission),
            and any route not listed (an unknown path answers 401 before 404).
+
+A seed-compatibility route (frontends/http/compat) has the policy of the Ferry route it serves,
+named in `app[POLICY_ALIASES]` (e.g. Inferno's /ws is /v1/ws, Cinfer's /api/v1/internal/tokens
+is /admin/tokens).
 
 The client address is the TCP peer: `X-Forwarded-For` is not trusted.
 """
@@ -51,17 +56,19 @@ from aiohttp import web
 from daemon.auth import Principal, credential_from_headers
 from daemon.errors import FerryError, Forbidden, InvalidInput, RateLimited, Unauthorized
 from frontends.access import Access, AccessSettings, Admission
-from frontends.http.appkeys import DISPATCHER, SETTINGS, request_key
+from frontends.http.appkeys import ACCESS, DISPATCHER, SETTINGS, request_key
 from frontends.http.errors import error_body, error_response, request_id_of
 from frontends.http.json_body import decode_json
 from frontends.http.textgen import TOKEN_RESERVER, USAGE
 
-__all__ = ["ACCESS", "Policy", "policy_for", "install", "security_middleware",
+__all__ = ["ACCESS", "POLICY_ALIASES", "Policy", "policy_for", "install", "security_middleware",
            "authorize_model", "authenticate_ws", "admit_ws", "principal_of", "client_ip"]
 
 log = logging.getLogger(__name__)
 
-ACCESS = web.AppKey("access", Access)
+# "METHOD pattern" -> the Ferry route pattern whose policy it has (frontends/http/compat: a
+# seed's route gets the scope, model check and body logging of the Ferry route it serves).
+POLICY_ALIASES: web.AppKey[dict[str, str]] = web.AppKey("policy_aliases", dict)
 _CORS: web.AppKey[frozenset[str]] = web.AppKey("cors_origins", frozenset)
 
 
@@ -70,9 +77,11 @@ _PRINCIPAL = request_key("ferry_principal", Principal)
 _CORS_ORIGIN = request_key("ferry_cors_origin", str)
 _MODEL = request_key("ferry_model", str)
 _OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/health", "/v2/health/live",
-                          "/v2/health/ready", "/metrics", "/v2", "/openapi.json"})
+                          "/v2/health/ready", "/metrics", "/v2", "/openapi.json",
+                          "/get_load"})     # a router's load poll: what /metrics shows anyway
 _ADMIN_PREFIXES = ("/v2/repository", "/v2/systemsharedmemory", "/v2/cudasharedmemory",
                    "/v2/logging", "/v2/trace")
+_ADMIN_ALWAYS = ("/metrics/custom", "/traces")     # what every scraper sees; recent requests
 _NO_BODY_LOG = ("/admin", "/v1/batches")
 _CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 _CORS_HEADERS = ("Authorization, Content-Type, X-API-Key, X-Request-ID, "
@@ -95,10 +104,18 @@ class Policy:
 _OPEN = Policy(None, logged=False)
 
 
-def policy_for(request: web.Request) -> Policy:
-    """The policy of the route aiohttp matched (its pattern, e.g. /v2/models/{model}/infer)."""
+def _pattern(request: web.Request) -> str:
+    """The matched route's pattern, or that of the Ferry route it aliases (POLICY_ALIASES)."""
     resource = request.match_info.route.resource
     pattern = resource.canonical if resource is not None else request.path
+    apps = request.match_info.apps      # the app that matched (none on a bare test request)
+    aliases = apps[-1].get(POLICY_ALIASES) if apps else None
+    return aliases.get(f"{request.method} {pattern}", pattern) if aliases else pattern
+
+
+def policy_for(request: web.Request) -> Policy:
+    """The policy of the route aiohttp matched (its pattern, e.g. /v2/models/{model}/infer)."""
+    pattern = _pattern(request)
     method = request.method
     if pattern in _OPEN_ROUTES and method in ("GET", "HEAD"):
         return _OPEN
@@ -108,6 +125,8 @@ def policy_for(request: web.Request) -> Policy:
         return Policy("admin", always=True)
     if pattern.startswith(_ADMIN_PREFIXES):
         return Policy("admin")
+    if pattern.startswith(_ADMIN_ALWAYS):
+        return Policy("admin", always=True)
     if pattern.startswith("/v2/models/"):
         return Policy("infer", model_in="path")
     if pattern == "/v1/ws":
@@ -360,7 +379,7 @@ async def _guarded(request: web.Request, handler: Handler, access: Access, polic
 
 async def _loggable_body(request: web.Request, access: Access, policy: Policy) -> bytes | None:
     if not access.settings.log_bodies or request.method != "POST" \
-            or request.path.startswith(_NO_BODY_LOG) or policy.websocket:
+            or _pattern(request).startswith(_NO_BODY_LOG) or policy.websocket:
         return None
     return await request.read()
 
@@ -390,7 +409,7 @@ def _usage_of(request: web.Request, out: _Outcome) -> tuple[int | None, int | No
     if live is not None:
         return live.prompt_tokens, live.completion_tokens
     usage = (_usage(out.resp) if out.resp is not None and out.status < 400
-             and request.path.startswith("/v1/") else None)
+             and _pattern(request).startswith("/v1/") else None)   # aliases too (/embeddings)
     if usage is None:
         return None, None
     return _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))

@@ -37,7 +37,10 @@ def create_app(dispatcher: Dispatcher, settings: FrontendSettings) -> web.Applic
     for extra in ("frontends.http.openai", "frontends.http.ws", "frontends.http.admin",
                   "frontends.http.vision", "frontends.http.metrics",
                   "frontends.http.admin_models", "frontends.http.batches",
-                  "frontends.http.openapi"):
+                  "frontends.http.openapi", "frontends.http.prompt_templates",
+                  "frontends.http.custom_metrics", "frontends.http.tracing",
+                  "frontends.http.images", "frontends.http.compat", "frontends.http.resume",
+                  "frontends.http.vllm_compat"):
         try:
             module = __import__(extra, fromlist=["setup"])
         except ModuleNotFoundError as exc:
@@ -75,6 +78,12 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
         app = create_app(dispatcher, settings)
         from frontends.http.security import install as install_security
         install_security(app, args)   # auth, rate limits, CORS, request log (before start)
+        resume = args.get("resume") or {}
+        from frontends.http.resume import configure as configure_resume
+        configure_resume(app, worker=args["worker"], workers=args.get("workers", 1),
+                         window_s=resume.get("window_s", 0.0),
+                         max_bytes_per_key=resume.get("max_bytes_per_key", 1 << 23),
+                         runtime_dir=resume.get("runtime_dir"))
         runner = FrontendRunner(app, header_timeout_s=args["header_timeout_s"],
                                 max_connections=args["max_connections"],
                                 shutdown_timeout=args["drain_grace_s"], access_log=None,

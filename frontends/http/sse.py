@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Awaitable, TypeVar
+from typing import Any, Awaitable, Protocol, TypeVar
 
 from aiohttp import web
 
 from frontends.http.errors import request_id_of
 
-__all__ = ["SSEResponse", "client_gone", "until_disconnect", "DISCONNECT_POLL_S"]
+__all__ = ["SSEResponse", "EventSink", "client_gone", "until_disconnect", "DISCONNECT_POLL_S"]
 
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.05
@@ -63,6 +63,19 @@ async def until_disconnect(request: web.Request, work: Awaitable[T],
     finally:
         if handle is not None:
             handle.cancel()
+
+
+class EventSink(Protocol):
+    """Where a stream writer sends its events: the connection (SSEResponse), or a resumable
+    stream's retained buffer (frontends/http/resume.py)."""
+
+    request: web.Request
+
+    async def open(self) -> None: ...
+
+    async def send(self, obj: Any) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class SSEResponse:

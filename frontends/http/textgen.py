@@ -199,6 +199,12 @@ def install(app: web.Application) -> None:
     app.cleanup_ctx.append(run)
 
 
+def _no_tokenizer(name: str, why: str) -> InvalidInput:
+    return InvalidInput(f"model {name!r} has no tokenizer ({why}), so it serves no text; "
+                        "the ZeroMQ frontend takes its prompts as token ids",
+                        code="model_has_no_tokenizer", param="model")
+
+
 def _load_text_model(name: str, version: int, entry: dict[str, Any]) -> TextModel:
     from engines.llm.tokenizer import Tokenizer
 
@@ -209,12 +215,22 @@ def _load_text_model(name: str, version: int, entry: dict[str, Any]) -> TextMode
     ggufs = [weights] if weights.suffix == ".gguf" else sorted(path.glob("*.gguf"))
     try:
         if ggufs:
-            tok = Tokenizer.from_gguf(ggufs[0])
+            from engines.llm.gguf_loader import read_gguf
+            from engines.llm.tokenizer import gguf_tokenizer_meta
+            gf = read_gguf(ggufs[0])
+            if not gguf_tokenizer_meta(gf.metadata)["tokens"]:
+                raise _no_tokenizer(name, "its GGUF file carries no tokenizer vocabulary")
+            tok = Tokenizer.from_gguf_file(gf)
+        elif not (path / "tokenizer.json").is_file():
+            raise _no_tokenizer(name, "its directory has no tokenizer.json")
         else:
             tok = Tokenizer.from_file(path / "tokenizer.json")
+    except InvalidInput:
+        raise
     except (OSError, ValueError, KeyError, FerryError) as exc:
+        # the model loaded but its tokenizer does not build here: the server's fault, passing
         raise FerryError(f"cannot load the tokenizer of {name!r}: {exc}",
-                         code="tokenizer_error", status=500) from exc
+                         code="tokenizer_error", status=503) from exc
     extra = entry.get("info", {}).get("extra", {})
     template = llm.get("chat_template") if isinstance(llm.get("chat_template"), str) else None
     log.info("tokenizer of %s v%d loaded", name, version)
@@ -292,7 +308,7 @@ class Usage:
 USAGE = request_key("ferry_usage", Usage)
 # The token budget of the work running in this context (an HTTP request, a WebSocket message's
 # task, a batch item), set by whoever charges it to a key (frontends/http/security.py,
-# daemon/batch_runner.py): `Generation.start` awaits it with the prompt's tokens plus every
+# frontends/http/batch_runner.py): `Generation.start` awaits it with the prompt's tokens plus every
 # token the generation may add, before anything reaches an engine, so a key's tokens per minute
 # are reserved at admission; it raises RateLimited (or, for batch items, waits).
 TOKEN_RESERVER: contextvars.ContextVar[Callable[[int], Awaitable[None]] | None] = \
@@ -362,6 +378,10 @@ class Generation:
                     params: GenParams, *, request_id: str = "",
                     prompt_param: str = "prompt") -> Generation:
         budgets = [_max_tokens(tm, len(p), params.max_tokens, prompt_param) for p in prompts]
+        if params.min_tokens > min(budgets):    # max_tokens unset: the context left is the cap
+            raise ContextLengthExceeded(
+                f"min_tokens ({params.min_tokens}) exceeds the {min(budgets)} tokens the "
+                f"context of model {tm.name!r} leaves after the prompt", param="min_tokens")
         _check_token_ids(tm, params.stop_token_ids, "stop_token_ids")
         usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
         reserve = TOKEN_RESERVER.get()

@@ -14,6 +14,7 @@ not serve (`continue_final_message`, a per-request `chat_template`, `tools`) are
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +29,7 @@ from frontends.http.textgen import TEXTS, TextModel
 __all__ = ["routes"]
 
 routes = web.RouteTableDef()
+_INLINE_TOKENS = 4096       # longer id lists are decoded in a thread
 
 
 def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
@@ -121,4 +123,8 @@ async def detokenize(request: web.Request) -> web.Response:
     if bad:
         raise InvalidInput(f"token id {bad[0]} is outside the vocabulary [0, {tm.vocab_size})",
                            code="invalid_parameter", param="tokens")
-    return web.json_response({"prompt": tm.tokenizer.decode(tokens, skip_special_tokens=False)})
+    if len(tokens) <= _INLINE_TOKENS:
+        text = tm.tokenizer.decode(tokens, skip_special_tokens=False)
+    else:                       # a body's worth of ids takes long enough to stall the loop
+        text = await asyncio.to_thread(tm.tokenizer.decode, tokens, skip_special_tokens=False)
+    return web.json_response({"prompt": text})

@@ -27,8 +27,8 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from daemon.errors import FerryError, InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from daemon.preprocess import (ClassifySpec, ImageSpec, bind_to_model, classify, classify_spec,
-                               decode_image, image_spec, image_to_tensor)
+from daemon.preprocess import ClassifySpec, ImageSpec, bind_to_model, classify_spec, image_spec
+from frontends.image_codec import classify, decode_image, image_to_tensor
 from frontends.http.appkeys import DISPATCHER, SETTINGS
 from frontends.http.errors import request_id_of
 from frontends.http.security import authorize_model

@@ -11,6 +11,10 @@ token events, engines/llm/latency.py), whichever HTTP worker answers.
 A Ferry model name may have several versions on one engine; vLLM's labels know no version, so
 their samples are summed per (model name, engine), and KV usage is the share of those versions'
 blocks held by sequences (vLLM's "1 - free/total", cached-but-free blocks counting as free).
+
+`GET /get_load` is the load report vllm-router's and sglang-router's `power_of_two` policy polls
+(it reads the integer `load`): the generations running plus waiting on this host's LLM engines,
+with the parts it is made of.
 """
 from __future__ import annotations
 
@@ -18,11 +22,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import web
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 
 __all__ = ["vllm_families", "LlmLoad", "llm_loads", "orca_header", "ORCA_REQUEST_HEADER",
-           "ORCA_RESPONSE_HEADER"]
+           "ORCA_RESPONSE_HEADER", "load_report", "setup"]
 
 ORCA_REQUEST_HEADER = "endpoint-load-metrics-format"
 ORCA_RESPONSE_HEADER = "endpoint-load-metrics"
@@ -165,3 +170,27 @@ def orca_header(fmt: str, loads: list[LlmLoad]) -> str | None:
     if kind == "json":
         return "JSON " + json.dumps({"named_metrics": named})
     return None
+
+
+def load_report(loads: list[LlmLoad]) -> dict[str, Any]:
+    """`/get_load`'s body: `load` (running + waiting generations, what power_of_two compares),
+    its parts, the KV usage over every LLM engine, and the same per model name."""
+    def part(ls: list[LlmLoad]) -> dict[str, Any]:
+        running, waiting = sum(l.running for l in ls), sum(l.waiting for l in ls)
+        total = sum(l.blocks_total for l in ls)
+        return {"load": running + waiting, "num_requests_running": running,
+                "num_requests_waiting": waiting,
+                "kv_cache_usage_perc": sum(l.blocks_used for l in ls) / total if total else 0.0}
+    names = sorted({l.model for l in loads})
+    return {**part(loads), "models": {n: part([l for l in loads if l.model == n])
+                                      for n in names}}
+
+
+async def get_load(request: web.Request) -> web.Response:
+    from frontends.http.appkeys import DISPATCHER
+    from frontends.http.metrics import _engine_stats     # metrics imports this module
+    return web.json_response(load_report(llm_loads(await _engine_stats(request.app[DISPATCHER]))))
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/get_load", get_load)

@@ -8,8 +8,16 @@ registered; results go back inline, or into the client's region when it asked fo
 Access control (frontends/access.py, the same rules as HTTP): `Infer` and `Generate` carry the
 caller's API key or JWT in `auth`; the key's scope (`infer`), model list, IP allow-list (the TCP
 peer; an ipc:// peer is local and guarded by the socket file's mode) and rate limits apply, and
-each request is logged. With auth required, region and stats messages, which carry no
+each request is logged; an `Infer` to an image model reserves its images' units from the key's
+tokens per minute (frontends/image_units.py), as HTTP does. With auth required, region and stats messages, which carry no
 credential, are accepted only over ipc://.
+
+Tracing (frontends/spans.py): each `Infer` and `Generate` gets a server span (`ZMQ infer`,
+`ZMQ generate`) with the dispatcher's and the engine's spans under it, written to the same ring
+as the HTTP workers' (GET /traces) and exported over OTLP when configured. A client continues its
+own trace by putting a W3C traceparent in the message's optional `trace` field; a malformed one
+starts a new trace, as over HTTP (never an error). The reply does not carry the context back:
+the client knows its trace id.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -29,14 +38,21 @@ from daemon import protocol as P
 from daemon.errors import FerryError, Forbidden, InternalError, InvalidInput
 from daemon.process import init_child, run_until_signalled
 from daemon.shm import Arena, RegionMap, segment_name
-from daemon.tensor_bytes import from_buffer, to_buffer, wire_dtype
+from daemon.tensor_bytes import decode, encode
 from frontends.access import Access, AccessSettings
 from frontends.dispatch import Dispatcher
+from frontends.image_units import tensor_units
+from frontends.spans import ServerSpan, Tracer, run_flusher
 from frontends.zmq_reader import LoopSocket
 
 __all__ = ["ZmqFrontend", "run_zmq"]
 
 log = logging.getLogger(__name__)
+
+Handler = Callable[[bytes, Any, list[Any], "str | None"], Awaitable[None]]
+# Infer and Generate carry their own credential; a Cancel reaches only its sender's stream. The
+# rest (regions, stats) carry none: with auth required they are accepted only over ipc://.
+_REMOTE_OK = (P.Infer, P.Generate, P.Cancel)
 
 
 def _peer_ip(frame: Any) -> str | None:
@@ -50,11 +66,19 @@ def _peer_ip(frame: Any) -> str | None:
 
 class ZmqFrontend:
     def __init__(self, dispatcher: Dispatcher, sock: zmq.Socket,
-                 request_timeout_s: float, access: Access | None = None) -> None:
+                 request_timeout_s: float, access: Access | None = None,
+                 tracer: Tracer | None = None) -> None:
         self.d, self.timeout_s, self.access = dispatcher, request_timeout_s, access
+        self.tracer = tracer
         self.streams: dict[tuple[bytes, str], Any] = {}
         self.tasks: set[asyncio.Task] = set()
         self.accepting = True
+        # what each accepted message type runs: (identity, message, buffers, peer)
+        self._handlers: dict[type, Handler] = {
+            P.Infer: lambda i, m, b, p: self.traced(self.on_infer, i, m, b, p),
+            P.Generate: lambda i, m, b, p: self.traced(self.on_generate, i, m, b, p),
+            P.Cancel: self.on_cancel, P.RegisterRegion: self.on_register_region,
+            P.UnregisterRegion: self.on_unregister_region, P.StatsQuery: self.on_stats}
         self.sock = LoopSocket(sock, self._on_message)
 
     def _on_message(self, frames: list[Any]) -> None:
@@ -81,38 +105,67 @@ class ZmqFrontend:
         try:
             msg, buffers = P.decode(frames)
             msg_id = getattr(msg, "id", "")
-            if isinstance(msg, P.Infer):
-                await self.guarded(self.on_infer, identity, msg, buffers, peer)
-            elif isinstance(msg, P.Generate):
-                await self.guarded(self.on_generate, identity, msg, buffers, peer)
-            elif peer is not None and self.access is not None and self.access.required \
-                    and not isinstance(msg, P.Cancel):
+            run = self._handlers.get(type(msg))
+            if type(msg) not in _REMOTE_OK and peer is not None and self.access is not None \
+                    and self.access.required:
                 raise Forbidden(f"{msg.TYPE!r} messages carry no credential and are accepted "
                                 "only over the local ipc:// endpoint", code="local_only")
-            elif isinstance(msg, P.Cancel):
-                stream = self.streams.get((identity, msg.id))
-                if stream is not None:
-                    await stream.cancel()
-            elif isinstance(msg, P.RegisterRegion):
-                await self.d.register_region(msg.name, msg.key, msg.offset, msg.nbytes)
-                await self.send(identity, P.RegionReply(msg.id, self.d.regions.status()))
-            elif isinstance(msg, P.UnregisterRegion):
-                await self.d.unregister_region(msg.name or None)
-                await self.send(identity, P.RegionReply(msg.id, self.d.regions.status()))
-            elif isinstance(msg, P.StatsQuery):
-                await self.send(identity, P.StatsReply(msg.id, {"engines":
-                                                                await self.d.engine_stats()}))
-            else:
+            if run is None:
                 raise InvalidInput(f"message type {msg.TYPE!r} is not accepted here",
                                    code="bad_message")
+            await run(identity, msg, buffers, peer)
         except FerryError as exc:
             msg_id = msg_id or P.peek_id(frames)
             await self.send(identity, P.ErrorReply(msg_id, exc.status, exc.code, exc.message,
-                                                   exc.param))
+                                                   exc.param, getattr(exc, "retry_after", None)))
         except Exception as exc:
             log.exception("zmq request failed")
             err = InternalError(f"internal error: {type(exc).__name__}")
             await self.send(identity, P.ErrorReply(msg_id, err.status, err.code, err.message))
+
+    async def on_cancel(self, identity: bytes, msg: P.Cancel, buffers: list[Any],
+                        peer: str | None) -> None:
+        stream = self.streams.get((identity, msg.id))      # only the sender's own stream
+        if stream is not None:
+            await stream.cancel()
+
+    async def on_register_region(self, identity: bytes, msg: P.RegisterRegion,
+                                 buffers: list[Any], peer: str | None) -> None:
+        await self.d.register_region(msg.name, msg.key, msg.offset, msg.nbytes)
+        await self.send(identity, P.RegionReply(msg.id, self.d.regions.status()))
+
+    async def on_unregister_region(self, identity: bytes, msg: P.UnregisterRegion,
+                                   buffers: list[Any], peer: str | None) -> None:
+        if not msg.name:
+            raise InvalidInput("UnregisterRegion needs the region's name",
+                               code="shm_bad_region", param="name")
+        await self.d.unregister_region(msg.name)
+        await self.send(identity, P.RegionReply(msg.id, self.d.regions.status()))
+
+    async def on_stats(self, identity: bytes, msg: P.StatsQuery, buffers: list[Any],
+                       peer: str | None) -> None:
+        await self.send(identity, P.StatsReply(msg.id, {"engines": await self.d.engine_stats()}))
+
+    async def traced(self, run: Any, identity: bytes, msg: P.Infer | P.Generate,
+                     buffers: list[Any], peer: str | None) -> None:
+        """`guarded` inside the request's server span (when tracing is on)."""
+        tracer = self.tracer
+        if tracer is None or not tracer.enabled:
+            return await self.guarded(run, identity, msg, buffers, peer)
+        server = ServerSpan(tracer, msg.trace, f"ZMQ {msg.TYPE}")
+        error, code = True, None
+        try:
+            await self.guarded(run, identity, msg, buffers, peer)
+            error = False
+        except FerryError as exc:     # a client's error is not the server's (OpenTelemetry)
+            error, code = exc.status >= 500, exc.code
+            raise
+        finally:
+            attrs: dict[str, Any] = {"rpc.system": "ferry-zmq", "ferry.model": msg.model,
+                                     "ferry.request_id": msg.request_id or msg.id}
+            if code is not None:
+                attrs["error.type"] = code
+            server.end(error, **attrs)
 
     async def guarded(self, run: Any, identity: bytes, msg: P.Infer | P.Generate,
                       buffers: list[Any], peer: str | None) -> None:
@@ -130,7 +183,12 @@ class ZmqFrontend:
             admission = self.access.admit(principal)
             if isinstance(msg, P.Generate):   # prompt + max_tokens, from tokens per minute
                 self.access.reserve(admission, _generate_cost(msg))
+            units = self._image_units(msg, buffers) if isinstance(msg, P.Infer) else 0
+            if units:                          # an image model's images, as on HTTP
+                self.access.reserve(admission, units)
             used = await run(identity, msg, buffers)
+            if units:
+                used = units
             status = 200
         except FerryError as exc:
             status, code = exc.status, exc.code
@@ -146,15 +204,29 @@ class ZmqFrontend:
                                route=f"ZMQ {msg.TYPE}", status=status, code=code,
                                total_ms=(time.monotonic() - started) * 1000.0)
 
+    def _image_units(self, msg: P.Infer, buffers: list[Any]) -> int:
+        """What an Infer to an image model costs (frontends/image_units.py); `num_images` is
+        read from its inline frame (in a client region it counts as the model's maximum)."""
+        arrays: dict[str, np.ndarray] = {}
+        for ref in msg.inputs:
+            if ref.name != "num_images":
+                continue
+            if ref.shm is not None:
+                arrays[ref.name] = np.array([1 << 30], dtype=np.int64)   # clamped to the max
+            else:
+                try:
+                    arrays[ref.name] = decode(ref, buffers)
+                except FerryError:
+                    pass                       # on_infer refuses it
+        return tensor_units(self.d, msg.model, msg.version or None, arrays)
+
     async def on_infer(self, identity: bytes, msg: P.Infer, buffers: list[Any]) -> None:
         arrays, region_refs = {}, []
         for ref in msg.inputs:
             if ref.shm is not None:
                 region_refs.append(ref)
             else:
-                buf = buffers[ref.frame_index()]
-                data = buf.buffer if hasattr(buf, "buffer") else buf
-                arrays[ref.name] = from_buffer(ref.name, ref.dtype, ref.shape, data)
+                arrays[ref.name] = decode(ref, buffers)
         timeout = msg.timeout_ms / 1000 if msg.timeout_ms else self.timeout_s
         outcome = await self.d.infer(msg.model, msg.version or None, arrays, outputs=msg.outputs,
                                      timeout_s=timeout, request_id=msg.request_id,
@@ -163,15 +235,13 @@ class ZmqFrontend:
             refs: list[P.TensorRef] = []
             out_frames: list[np.ndarray] = []
             for name, arr in outcome.arrays.items():
-                ref = P.TensorRef(name, wire_dtype(arr), tuple(arr.shape))
+                ref, data = encode(name, arr)
                 if msg.out_shm and name in msg.out_shm:
                     ref.shm = msg.out_shm[name]
-                elif arr.dtype == object:           # BYTES: serialized, a fresh buffer
+                else:       # a view of memory release() frees must be copied; BYTES is fresh
                     ref.frame = len(out_frames)
-                    out_frames.append(to_buffer(arr))
-                else:
-                    ref.frame = len(out_frames)
-                    out_frames.append(arr.copy() if outcome._release else arr)
+                    out_frames.append(data.copy() if outcome._release and arr.dtype != object
+                                      else data)
                 refs.append(ref)
         finally:
             outcome.release()
@@ -184,11 +254,9 @@ class ZmqFrontend:
         if len(msg.prompt) != 1 or msg.prompt[0].shm is not None:
             raise InvalidInput("generate needs one inline prompt tensor", code="bad_message")
         ref = msg.prompt[0]
-        buf = buffers[ref.frame_index()]
-        data = buf.buffer if hasattr(buf, "buffer") else buf
-        if len(data) != ref.nbytes or ref.dtype not in ("int32", "int64"):
+        if ref.dtype not in ("int32", "int64"):
             raise InvalidInput("prompt must be int32/int64 token ids", code="invalid_input")
-        ids = np.frombuffer(data, dtype=ref.dtype).tolist()
+        ids = decode(ref, buffers).reshape(-1).tolist()
         if ids and not -2**31 <= min(ids) <= max(ids) < 2**31:   # ids travel on as int32
             raise InvalidInput("a prompt token id is outside the vocabulary", param="prompt")
         stream = await self.d.generate(msg.model, msg.version or None, ids, msg.params,
@@ -225,6 +293,11 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     access = None
+    tracer = Tracer("zmq")
+    d.config_listeners.append(tracer.configure)          # [tracing], also on SIGHUP
+    stop_flush = asyncio.Event()
+    flusher = asyncio.get_running_loop().create_task(run_flusher(
+        tracer, lambda: access.state.db if access is not None else None, stop_flush))
     try:
         access = await Access.open(AccessSettings.from_args(args))
         d.config_listeners.append(lambda config: access.reconfigure(config.get("auth") or {}))
@@ -235,8 +308,10 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
             os.chmod(args["bind"][len("ipc://"):], 0o660)
         await d.control("frontend_ready", {"role": "zmq"})
         log.info("zmq frontend serving on %s", args["bind"])
-        await ZmqFrontend(d, sock, args["request_timeout_s"], access).serve(stop)
+        await ZmqFrontend(d, sock, args["request_timeout_s"], access, tracer).serve(stop)
     finally:
+        stop_flush.set()
+        await asyncio.gather(flusher, return_exceptions=True)
         if access is not None:
             await access.close()
         sock.close(0)

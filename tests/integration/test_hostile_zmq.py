@@ -313,6 +313,8 @@ def _bad_shared_memory(c: Corpus) -> None:
         c.add(f"register_{label}", {"v": 1, "t": "register_region", "id": ID, "name": "hostile",
                                     "key": "/fyc-no-such", "offset": 0, "nbytes": 64, **fields})
     c.add("unregister_unknown", {"v": 1, "t": "unregister_region", "id": ID, "name": "nope"})
+    # an empty name once meant "every region", other clients' included
+    c.add("unregister_empty_name", {"v": 1, "t": "unregister_region", "id": ID, "name": ""})
 
 
 def _bad_generations(c: Corpus) -> None:
@@ -496,6 +498,11 @@ def test_named_probes_get_their_codes(ferry):
         (_pack(_infer(key, id="x", inputs=_pixels_at(_shm(REGION, 4096 - 64)))), [],
          "shm_out_of_bounds"),
         (_pack(_infer("", id="x")), [PIXELS], "missing_credentials"),
+        (_pack({"v": 1, "t": "unregister_region", "id": "x", "name": ""}), [],
+         "shm_bad_region"),
+        # the fixture's region survived the corpus's empty-name unregister
+        (_pack(_infer(key, id="x", inputs=_pixels_at(_shm(REGION, 4096 - 64)))), [],
+         "shm_out_of_bounds"),
     ]
     got = []
     with zmq.Context.instance().socket(zmq.DEALER) as sock:

@@ -18,6 +18,7 @@ import aiohttp
 import numpy as np
 import pytest
 
+from daemon.children import OMP_SPINCOUNT, default_threads
 from tests.integration.lifecycle_models import slow_loop_repo
 from tests.integration.daemon_proc import Daemon, free_port, http_get, orphan_segments, \
     wait_until
@@ -133,6 +134,18 @@ def test_ready_only_once_models_are_loaded(notified):
     assert body == {"status": "ready", "models": {"digits": {"1": "ready"}}}
     ready_fields = next(f for t, f in listener.messages if t == ready[0])
     assert ready_fields["STATUS"].startswith("ready: 1 model version(s) ready"), ready_fields
+
+
+def test_engines_wait_for_work_with_a_bounded_spin(notified):
+    """Engines get Ferry's OpenMP defaults (a spinning wait, and a thread on every core,
+    collapse on a shared host): the spin limit, and the usable CPUs less one as threads."""
+    d, _ = notified
+    for pid in d.child_pids("engine"):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"GOMP_SPINCOUNT={OMP_SPINCOUNT}".encode() in environ, pid
+        threads = [e for e in environ if e.startswith(b"OMP_NUM_THREADS=")]
+        want = os.environ.get("OMP_NUM_THREADS", str(default_threads()))   # an operator's wins
+        assert threads == [f"OMP_NUM_THREADS={want}".encode()], threads
 
 
 def test_watchdog_pings_at_the_configured_interval(notified):

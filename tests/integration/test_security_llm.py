@@ -34,6 +34,7 @@ def ferry(demo_models, tmp_path_factory):
         return {"sse": (await k.create("sse", tpm=TPM)).plaintext,
                 "openai": (await k.create("openai", tpm=TPM)).plaintext,
                 "ws": (await k.create("ws", tpm=TPM)).plaintext,
+                "embed": (await k.create("embed", tpm=TPM)).plaintext,
                 "minilm": (await k.create("minilm-only", models=["minilm"])).plaintext,
                 "all": (await k.create("all")).plaintext}
     d.keys = d.state(seed)
@@ -65,6 +66,22 @@ def test_streamed_sse_tokens_count_against_tokens_per_minute(ferry):
     assert int(headers["Retry-After"]) >= 1
     # Other keys are untouched.
     assert _stream_sse(ferry, ferry.keys["all"])[0] == 200
+
+
+def test_embeddings_reserve_their_tokens_before_they_run(ferry):
+    """An embeddings request is refused up front when its tokens do not fit the key's budget
+    (it used to run and be charged afterwards, overdrawing the key by a whole request)."""
+    key = ferry.keys["embed"]
+    status, _, body = call(ferry, "POST", "/v1/embeddings", key=key, body={
+        "model": "minilm", "input": ["word " * 100]})
+    assert (status, error_code(body)) == (429, "request_exceeds_token_limit"), body
+    status, headers, body = call(ferry, "POST", "/v1/embeddings", key=key, body={
+        "model": "minilm", "input": ["word " * 48]})                 # 50 tokens of 80
+    assert status == 200 and body["usage"]["prompt_tokens"] == 50, body
+    assert int(headers["X-RateLimit-Remaining-Tokens"]) <= TPM - 50
+    status, _, body = call(ferry, "POST", "/v1/embeddings", key=key, body={
+        "model": "minilm", "input": ["word " * 48]})
+    assert (status, error_code(body)) == (429, "token_rate_limited"), body
 
 
 def test_the_openai_client_stream_is_charged_too(ferry):

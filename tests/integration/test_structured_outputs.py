@@ -116,6 +116,27 @@ def test_bad_constraints_are_400(client, extra, code, stream):
     assert err.value.body["code"] == code, err.value.body
 
 
+def test_a_large_schema_is_checked_off_the_event_loop(ferry, client):
+    """A body over 32 KiB is parsed (its grammar compiled) in a thread: the answer is still
+    valid, and a bad schema is still a 400 (not an error lost in the thread)."""
+    props = {f"field_{i}": {"type": "string", "maxLength": 4, "description": "d" * 400}
+             for i in range(120)}
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               **props},
+              "required": ["city"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "big", "schema": schema}}
+    assert len(json.dumps(fmt)) > 48 << 10
+    r = client.chat.completions.create(model="smollm2", messages=SHORT, max_tokens=60,
+                                       temperature=0, response_format=fmt)
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    bad = {"type": "json_schema", "json_schema": {"name": "big", "schema": {
+        **schema, "properties": {**schema["properties"], "x": {"type": "no-such-type"}}}}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="smollm2", messages=SHORT, max_tokens=5,
+                                       response_format=bad)
+    assert err.value.status_code == 400, err.value.body
+
+
 def test_websocket_inference_takes_a_constraint(ferry):
     async def go() -> dict:
         async with aiohttp.ClientSession() as s, s.ws_connect(ferry.url + "/v1/ws") as ws:

@@ -278,6 +278,37 @@ def test_load_with_config_override(ferry):
     assert http_get(ferry.url + "/v2/models/simple_fp32/config")[1]["max_batch_size"] == 8
 
 
+def test_override_copies_are_private_to_each_load_and_pruned(ferry):
+    """Each override load gets its own copy; a failed reload leaves the serving copy as it was,
+    and copies no loaded version uses are removed."""
+    path, copies = "/v2/repository/models/simple_fp32/load", \
+        ferry.state_dir / "model-overrides" / "simple_fp32"
+    weights = ferry.repo / "simple_fp32" / "1" / "model.onnx"
+
+    def tomls() -> list[str]:
+        return [(c / "model.toml").read_text() for c in sorted(copies.iterdir())]
+
+    original = weights.read_bytes()
+    try:
+        assert _post(ferry, path, {"parameters": {"config": '{"max_batch_size": 4}'}})[0] == 200
+        (serving,) = copies.iterdir()
+        assert "max_batch_size = 4" in tomls()[0]
+        weights.write_bytes(b"not an onnx model")        # the next load fails in the engine
+        code, err = _post(ferry, path, {"parameters": {"config": '{"max_batch_size": 2}'}})
+        assert 400 <= code < 600 and "failed to load" in err["error"], err
+        assert list(copies.iterdir()) == [serving]        # the failed copy is gone, ...
+        assert "max_batch_size = 4" in tomls()[0]         # ... the serving one untouched
+        assert http_get(ferry.url + "/v2/models/simple_fp32/config")[1]["max_batch_size"] == 4
+        weights.write_bytes(original)
+        assert _post(ferry, path, {"parameters": {"config": '{"max_batch_size": 2}'}})[0] == 200
+        assert [c.name for c in copies.iterdir()] != [serving.name]
+        assert len(tomls()) == 1 and "max_batch_size = 2" in tomls()[0]
+    finally:
+        weights.write_bytes(original)
+        assert _post(ferry, path, {})[0] == 200            # back to model.toml
+    assert list(copies.iterdir()) == []
+
+
 @pytest.mark.parametrize("params, code", [
     ({"config": '"parameters": {"config": {{"max_batch_size": "16"}}}'}, "invalid_model_config"),
     ({"config": "[1]"}, "invalid_model_config"),

@@ -94,6 +94,15 @@ def test_tokenize_and_detokenize_round_trip(ferry, client):
     assert plain["token_strs"] is None
 
 
+def test_a_long_detokenize_is_decoded_off_the_event_loop_and_is_exact(ferry):
+    code, tok = _post(ferry, "/tokenize", {"model": "smollm2", "prompt": "Hello, Ferry!",
+                                           "add_special_tokens": False})
+    assert code == 200, tok
+    many = tok["tokens"] * 2000                    # well past the inline limit
+    code, back = _post(ferry, "/detokenize", {"model": "smollm2", "tokens": many})
+    assert code == 200 and back["prompt"] == "Hello, Ferry!" * 2000
+
+
 def test_tokenize_chat_counts_what_a_chat_completion_counts(ferry, client):
     code, tok = _post(ferry, "/tokenize", {"model": "smollm2", "messages": CHAT})
     assert code == 200, tok

@@ -132,6 +132,31 @@ def test_garbage_frames_are_refused(client):
     assert isinstance(reply, P.ErrorReply) and reply.code == "invalid_shape"
 
 
+def test_an_empty_tensor_no_array_could_hold_is_refused(client):
+    """[0, 2**39, 2**39] passes the header's bounds and holds 0 bytes, but numpy cannot make
+    it: the codec refuses it as the client's error, not as a 500."""
+    msg = P.Infer("huge0", "digits", 0,
+                  [P.TensorRef("pixels", "float32", (0, 2**39, 2**39), frame=0)])
+    reply, _ = client.send_raw(P.encode(msg, [b""]))
+    assert isinstance(reply, P.ErrorReply) and (reply.status, reply.code) == \
+        (400, "invalid_shape"), reply
+    assert client.infer("digits", {"pixels": _digits(1)})["probabilities"].shape == (1, 10)
+
+
+@pytest.mark.parametrize("arr", [np.zeros((1, 64), np.complex64), np.array([["a"] * 64])])
+def test_the_client_refuses_before_sending_what_the_server_refuses(client, arr):
+    """The client encodes with the daemon's codec: an array the daemon refuses never leaves
+    the client, and the daemon refuses the same tensor sent by hand."""
+    msg = P.Infer("raw-dtype", "digits", 0,
+                  [P.TensorRef("pixels", arr.dtype.name, arr.shape, frame=0)])
+    reply, _ = client.send_raw(P.encode(msg, [arr.tobytes()]))
+    assert isinstance(reply, P.ErrorReply) and 400 <= reply.status < 500, reply
+    with pytest.raises(FerryError) as err:
+        client.infer("digits", {"pixels": arr})
+    assert (err.value.status, err.value.code, err.value.param) == (400, "invalid_dtype",
+                                                                    "pixels")
+
+
 def test_shared_memory_references_are_bounds_checked(client):
     client.register_region("bounds-region", 4096)
     region_size = client.region.arena.size

@@ -189,6 +189,8 @@ BAD: list[tuple[str, str, Any, str]] = [
     ("backoff empty", "engines.restart_backoff_s", [], "engines.restart_backoff_s"),
     ("backoff negative", "engines.restart_backoff_s", [1, -1], "engines.restart_backoff_s"),
     ("threads negative", "engines.threads", -1, "engines.threads"),
+    ("standby unknown", "engines.standby", "warm", "engines.standby"),
+    ("standby bool", "engines.standby", True, "engines.standby"),
     ("control mode", "repository.control_mode", "sometimes", "repository.control_mode"),
     ("poll zero", "repository.poll_interval_s", 0, "repository.poll_interval_s"),
     ("policy unknown", "repository.version_policy", "newest", "repository.version_policy"),

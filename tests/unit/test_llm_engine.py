@@ -140,6 +140,16 @@ def test_max_tokens_ends_with_length_and_reports_prompt_tokens_once(model):
     assert all(o.logprobs is None for o in outs)
 
 
+def test_min_tokens_holds_the_stop_back(model):
+    prompt = [9, 8, 7, 6]
+    reference = alone(model, prompt, greedy(max_tokens=12))
+    stop = reference[1]                  # ends the output at its 2nd token without a floor
+    held = alone(model, prompt, greedy(max_tokens=12, stop_token_ids=(stop,), min_tokens=6))
+    assert len(held) >= 6 and stop not in held[:6], held
+    assert held[0] == reference[0]
+    assert alone(model, prompt, greedy(max_tokens=12, stop_token_ids=(stop,))) == reference[:2]
+
+
 def test_stop_ids_and_eos_end_with_stop(model):
     prompt = [9, 8, 7, 6]
     reference = alone(model, prompt, greedy(max_tokens=12))
@@ -309,7 +319,8 @@ def test_smollm2_answers_a_question_alone_and_batched():
                      sections={"llm": {"kv_cache_mb": 16, "max_num_seqs": 4}})
     info = engine.load(spec, "cpu")
     assert info.kind == "llm" and info.platform == "ferry_llm"
-    assert info.extra["vocab_size"] == 49152 and info.extra["eos_ids"] == [2]
+    # <|im_end|>, then <|endoftext|>: every end-of-generation token the file lists
+    assert info.extra["vocab_size"] == 49152 and info.extra["eos_ids"] == [2, 0]
     assert info.extra["block_size"] == 16
     assert info.extra["context_length"] == min(8192, engine.pool.num_blocks * 16)
     params = SamplingParams(max_tokens=6, temperature=0.0)

@@ -114,8 +114,8 @@ def test_bad_constraints_are_refused_with_invalid_grammar(engine, structured, fr
 
 
 def test_max_tokens_and_cancel_work_under_a_constraint(engine):
-    cut = run(engine, {"c": params({"type": "json_schema", "schema": {
-        "type": "array", "items": {"type": "integer"}}}, max_tokens=6)})
+    cut = run(engine, {"c": params({"type": "json_schema", "schema": {   # >= 6 tokens long
+        "type": "array", "items": {"type": "integer"}, "minItems": 4}}, max_tokens=6)})
     assert cut["c"][1] == "length" and cut["c"][0].startswith("[")
     engine.submit(GenerateRequest("x", QUESTION, params({"type": "json_object"})))
     engine.step()

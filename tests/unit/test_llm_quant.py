@@ -106,12 +106,11 @@ def test_int8_is_refused_for_bfloat16_models_and_gpus():
     model = random_model(TINY, seed=7, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="float32 CPU"):
         model.quantize("int8")
-    with pytest.raises(ValueError, match="int8 or int4"):
+    with pytest.raises(ValueError, match="int8, int4 or auto"):
         model.quantize("int2")
     with pytest.raises(ValueError, match="CPU engine"):
         resolve_weight_format("int8", "cuda:0")
     assert resolve_weight_format("auto", "cuda:0") == "float"
-    assert resolve_weight_format("auto", "cuda:0", source_bits=5) == "float"
     with pytest.raises(ValueError, match="CPU engine"):
         resolve_weight_format("int4", "cuda:0")
     assert resolve_weight_format("float", "cpu") == "float"
@@ -164,11 +163,7 @@ def test_int4_model_follows_the_float_model_and_is_smaller_than_int8():
         q4.quantize("int8")
 
 
-def test_auto_keeps_4_bit_files_4_bit():
+def test_auto_is_decided_per_matrix_on_cpus_with_fast_bfloat16():
     from engines.llm.quant import cpu_has_fast_bf16
-    if not cpu_has_fast_bf16():
-        assert resolve_weight_format("auto", "cpu", source_bits=5) == "float"
-        return
-    assert resolve_weight_format("auto", "cpu", source_bits=5) == "int4"
-    assert resolve_weight_format("auto", "cpu", source_bits=9) == "int8"
-    assert resolve_weight_format("auto", "cpu") == "int8"
+    expected = "auto" if cpu_has_fast_bf16() else "float"
+    assert resolve_weight_format("auto", "cpu") == expected

@@ -47,8 +47,9 @@ def tok() -> Tokenizer:
 @needs_model
 def test_metadata(tok):
     assert tok.vocab_size == 49152
-    assert tok.bos_id == 1 and tok.eos_ids == (2,)
-    assert tok.token_text(2) == "<|im_end|>"
+    # eos first, then every other end-of-generation token llama.cpp stops on
+    assert tok.bos_id == 1 and tok.eos_ids == (2, 0)
+    assert tok.token_text(2) == "<|im_end|>" and tok.token_text(0) == "<|endoftext|>"
 
 
 @needs_model

@@ -7,7 +7,7 @@ import pytest
 
 from daemon import protocol as P
 from daemon.config import load_config
-from daemon.errors import ConfigError, Overloaded
+from daemon.errors import ConfigError, EngineDied, Overloaded
 from frontends.load_shed import LoadShedder
 
 
@@ -59,6 +59,34 @@ def test_a_refusal_is_rechecked_on_a_fresh_snapshot():
         eng.models["m:1"].update(waiting=0, running=0)   # the queue drained meanwhile
         s._snaps["e"].asked_at -= 0.5                     # a snapshot no longer fresh
         await s.check("e", "m", 1)
+    asyncio.run(run())
+
+
+def test_a_dead_engine_s_last_queue_refuses_nothing_and_a_slow_one_s_still_does():
+    eng = FakeEngine(waiting=5, running=2)
+    s = shedder(eng, max_waiting=2)
+    answer = eng.call
+
+    async def dead(engine: str, msg: P.Message, timeout_s: float) -> P.Message:
+        raise EngineDied("engine e is not available")
+
+    async def slow(engine: str, msg: P.Message, timeout_s: float) -> P.Message:
+        raise asyncio.TimeoutError
+
+    async def run() -> None:
+        with pytest.raises(Overloaded):
+            await s.check("e", "m", 1)               # a full queue seen
+        s.call = slow
+        s._snaps["e"].asked_at -= 2.0                 # stale: refreshed before it is believed
+        with pytest.raises(Overloaded):
+            await s.check("e", "m", 1)               # busy, not gone: the last view stands
+        s.call = dead
+        s._snaps["e"].asked_at -= 2.0
+        await s.check("e", "m", 1)                   # gone: no 429 (the dispatcher says 503)
+        s.call = answer                              # back, and as full as before
+        s._snaps["e"].asked_at -= 2.0
+        with pytest.raises(Overloaded):
+            await s.check("e", "m", 1)
     asyncio.run(run())
 
 

@@ -58,6 +58,10 @@ def test_engine_params_are_valid_sampling_params_with_distinct_seeds():
     assert e0["seed"] != e1["seed"] and 0 <= e0["seed"] < 2**63
     assert e0["max_tokens"] == 16 and e0["stop_token_ids"] == [3]
     assert chat().params.engine_params(4, 0)["seed"] is None
+    # min_tokens travels to the engine, never above the max_tokens the choice gets
+    p = chat(min_tokens=6).params
+    assert p.engine_params(16, 0)["min_tokens"] == 6 and p.engine_params(4, 0)["min_tokens"] == 4
+    SamplingParams(**p.engine_params(4, 0)).validate(vocab_size=100)
 
 
 BAD_CHAT = [
@@ -173,6 +177,11 @@ BAD_COMPLETION = [
     ({"model": "m", "prompt": "a", "suffix": "z"}, "suffix", "unsupported_parameter"),
     ({"model": "m", "prompt": "a", "best_of": 3}, "best_of", "unsupported_parameter"),
     ({"model": "m", "prompt": "a", "echo": "no"}, "echo", "invalid_parameter"),
+    ({"model": "m", "prompt": "a", "min_tokens": -1}, "min_tokens", "invalid_parameter"),
+    ({"model": "m", "prompt": "a", "min_tokens": "3"}, "min_tokens", "invalid_parameter"),
+    ({"model": "m", "prompt": "a", "min_tokens": 2.5}, "min_tokens", "invalid_parameter"),
+    ({"model": "m", "prompt": "a", "max_tokens": 4, "min_tokens": 5}, "min_tokens",
+     "invalid_parameter"),
 ]
 
 

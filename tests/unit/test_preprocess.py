@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from daemon.errors import InvalidInput, PayloadTooLarge
-from daemon.preprocess import (ClassifySpec, ImageSpec, bind_to_model, classify, classify_spec,
-                               decode_image, image_spec, image_to_tensor)
+from daemon.preprocess import ClassifySpec, ImageSpec, bind_to_model, classify_spec, image_spec
+from frontends.image_codec import classify, decode_image, image_to_tensor
 from daemon.repository_spec import load_spec
 
 DIGITS_PRE = {"kind": "image", "width": 8, "height": 8, "channels": 1, "scale": 16.0,

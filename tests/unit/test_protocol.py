@@ -41,6 +41,7 @@ SAMPLES: dict[str, Callable[[Callable[..., P.TensorRef]], P.Message]] = {
         frees=[P.ShmLoc("ferry-abc-zmq-1", 64, 64)]),
     "tokens": lambda t: P.Tokens("g-1", [5, 6, 7], logprobs=[-0.5, -1.25, -3.0], finished=True,
                                  finish_reason="stop", prompt_tokens=7, cached_tokens=4),
+    "progress": lambda t: P.Progress("req-1", image=1, step=3, steps=20),
     "cancel": lambda t: P.Cancel("g-1"),
     "free": lambda t: P.Free([P.ShmLoc("ferry-abc-eng-3", 0, 4096)]),
     "error": lambda t: P.ErrorReply("req-1", 503, "busy", "queue is full", param="model"),

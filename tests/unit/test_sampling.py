@@ -19,6 +19,7 @@ class Row:
     token_ids: list[int]
     num_prompt: int
     generator: torch.Generator | None = None
+    stop_ids: frozenset[int] = frozenset()
 
 
 def row(prompt=(0,), output=(), seed=None, **kw) -> Row:
@@ -54,6 +55,8 @@ PROBS = [0.5, 0.3, 0.15, 0.05]
     ("stop_token_ids", [1, -1]), ("stop_token_ids", [1.5]), ("stop_token_ids", "12"),
     ("stop_token_ids", [128]),
     ("ignore_eos", 1), ("logprobs", "yes"),
+    ("min_tokens", -1), ("min_tokens", 17), ("min_tokens", 1.0), ("min_tokens", True),
+    ("min_tokens", "2"),
     ("seed", 1.5), ("seed", -1), ("seed", "7"), ("seed", 2**64),
 ])
 def test_bad_values_are_rejected_with_the_parameter_named(param, value):
@@ -267,3 +270,24 @@ def test_top_logprobs_out_of_range_are_refused():
         with pytest.raises(InvalidInput) as err:
             SamplingParams(top_logprobs=bad).validate()
         assert err.value.param == "top_logprobs"
+
+
+# -- min_tokens --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_min_tokens_holds_the_stop_tokens_back_until_that_many_are_out(temperature):
+    """Token 0 (eos here) and 1 (a stop id) are the likeliest; a row short of min_tokens draws
+    neither, whatever its company, and takes them as soon as it has its floor."""
+    sampler = Sampler(seed=7)
+    probs = [0.6, 0.3, 0.06, 0.04]
+    stops = frozenset({0, 1})
+    rows = [Row(SamplingParams(max_tokens=8, min_tokens=3, temperature=temperature), [5] + out,
+                1, None, stops) for out in ([], [2], [2, 3], [2, 3, 2])]
+    rows.append(Row(SamplingParams(max_tokens=8, temperature=0.0), [5], 1, None, stops))
+    picks = [sampler(logits_from_probs(probs, len(rows)), rows).token_ids for _ in range(50)]
+    for ids in picks:
+        assert ids[0] not in stops and ids[1] not in stops and ids[2] not in stops
+    assert any(ids[3] in stops for ids in picks)             # at its floor: free to end
+    assert all(ids[4] == 0 for ids in picks)                  # no floor: greedy eos
+    if temperature == 0.0:
+        assert all(ids[:3] == [2, 2, 2] for ids in picks)      # the best token left, greedily

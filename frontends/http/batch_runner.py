@@ -22,7 +22,11 @@ waits, the runner claims no further items of that key's jobs, so other jobs keep
 
 Item requests are stored as `{"custom_id", "url", "body"}` with url one of
 `/v2/models/{model}[/versions/{v}]/infer` (KServe JSON tensors), `/v1/chat/completions` or
-`/v1/completions` (when the LLM helpers of frontends/http/textgen.py are present).
+`/v1/completions` (when the LLM helpers of frontends/http/textgen.py are present), or
+`/v1/images/generations` (an image model; the body is OpenAI's, the result OpenAI's images
+response). An image item's images count `units_per_image` each against the key's tokens per
+minute, as on every other path: the result's `usage.total_tokens` (a KServe item to an image
+model reports its units there too).
 """
 from __future__ import annotations
 
@@ -38,16 +42,25 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import aiohttp
+
 from daemon.egress import EgressPolicy
 from daemon.errors import FerryError, InternalError, InvalidInput, Overloaded
 from daemon.state.batches import BatchItem, BatchStore, JobStatus, signature_header, webhook_body
+from frontends.http.images import (image_usage, in_openai_terms, openai_images_body,
+                                   parse_openai_images, reserve_tensor_units, run_images)
+from frontends.http.kserve_codec import encode_outputs, parse_infer
+from frontends.http.openai_schema import parse_chat, parse_completion
+from frontends.http.textgen import Generation, encode_prompts
 
-__all__ = ["BatchRunner", "ItemExecutor", "ItemCharger", "INFER_URL", "TEXT_URLS", "OWNER"]
+__all__ = ["BatchRunner", "ItemExecutor", "ItemCharger", "INFER_URL", "TEXT_URLS", "IMAGES_URL",
+           "OWNER"]
 
 log = logging.getLogger(__name__)
 
 INFER_URL = re.compile(r"/v2/models/([^/]+)(?:/versions/([0-9]{1,9}))?/infer")
 TEXT_URLS = ("/v1/chat/completions", "/v1/completions")
+IMAGES_URL = "/v1/images/generations"
 _WEBHOOK_TIMEOUT_S = 10.0
 _WEBHOOK_LEASE_S = 60.0
 OWNER = "_ferry_owner"       # the job metadata entry naming the key that submitted it
@@ -75,12 +88,12 @@ class ItemExecutor:
             return await self.tensor(match.group(1), version, body, rid)
         if url in TEXT_URLS:
             return await self.text(url == TEXT_URLS[0], body, rid)
+        if url == IMAGES_URL:
+            return await self.images(body, rid)
         raise InvalidInput(f"unsupported url {url!r}", code="unsupported_endpoint", param="url")
 
     async def tensor(self, model: str, version: int | None, body: dict[str, Any],
                      rid: str) -> dict[str, Any]:
-        from frontends.http.kserve_codec import encode_outputs, parse_infer
-
         parsed = parse_infer(json.dumps(body).encode(), None)
         if parsed.region_refs or any(o.shm is not None for o in parsed.outputs or ()):
             raise InvalidInput("batch items cannot use shared-memory regions",
@@ -89,6 +102,7 @@ class ItemExecutor:
         for out in parsed.outputs or ():
             out.binary = False
         timeout = parsed.timeout_ms / 1000 if parsed.timeout_ms else self.timeout_s
+        units = await reserve_tensor_units(self.d, model, version, parsed.arrays)
         outcome = await self.d.infer(model, version, parsed.arrays,
                                      outputs=[o.name for o in parsed.outputs]
                                      if parsed.outputs else None,
@@ -101,15 +115,23 @@ class ItemExecutor:
                                   "model_version": str(outcome.version), "outputs": entries}
         if parsed.id is not None:
             result["id"] = parsed.id
+        if units:
+            result["usage"] = image_usage(units)
         return result
+
+    async def images(self, body: dict[str, Any], rid: str) -> dict[str, Any]:
+        job = parse_openai_images(self.d, body)
+        try:
+            pngs, seeds = await run_images(self.d, job, timeout_s=self.timeout_s,
+                                           request_id=rid)
+        except FerryError as exc:
+            raise in_openai_terms(exc)
+        return openai_images_body(job, pngs, seeds)
 
     async def text(self, chat: bool, body: dict[str, Any], rid: str) -> dict[str, Any]:
         if self.texts is None:
             raise InvalidInput("text generation is not available in this daemon",
                                code="unsupported_endpoint", param="url")
-        from frontends.http.openai_schema import parse_chat, parse_completion
-        from frontends.http.textgen import Generation, encode_prompts
-
         body = {**body, "stream": False}
         body.pop("stream_options", None)
         if chat:
@@ -161,8 +183,6 @@ class BatchRunner:
         self._session: Any = None
 
     async def start(self) -> None:
-        import aiohttp
-
         requeued = await self.store.claim_unfinished()
         if requeued:
             log.info("batches: resuming %d unfinished job(s)", len(requeued))
@@ -287,8 +307,6 @@ class BatchRunner:
                     self._deliver(delivery.job_id))
 
     async def _deliver(self, job_id: str) -> None:
-        import aiohttp
-
         try:
             claimed = await self.store.claim_webhook(job_id, lease_s=_WEBHOOK_LEASE_S)
             if claimed is None:

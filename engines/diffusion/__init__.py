@@ -1,0 +1,1 @@
+"""Image generation with diffusion models (see engines.diffusion.engine)."""
