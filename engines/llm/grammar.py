@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +129,13 @@ _VALID: OrderedDict[str, bool] = OrderedDict()     # constraints validate_struct
 class GrammarCompiler:
     """Matchers for one model's vocabulary. The vocabulary index is built on first use."""
 
-    def __init__(self, tokenizer_json: str | None, vocab_size: int, eos_ids: tuple[int, ...]):
-        self._json, self.vocab_size, self.eos_ids = tokenizer_json, vocab_size, eos_ids
+    def __init__(self, tokenizer_json: str | Callable[[], str | None] | None, vocab_size: int,
+                 eos_ids: tuple[int, ...]):
+        # the tokenizer's JSON, or what reads it on first use (a GGUF file's vocabulary takes
+        # ~1 s to rebuild: not worth it on every load of a model that may never be constrained)
+        self._json: str | None = tokenizer_json if isinstance(tokenizer_json, str) else None
+        self._source = tokenizer_json if callable(tokenizer_json) else None
+        self.vocab_size, self.eos_ids = vocab_size, eos_ids
         self._tokenizer: Any = None
         self._templates: OrderedDict[str, Any] = OrderedDict()
         self.compiled = 0                 # templates built (cache misses), for stats and tests
@@ -139,19 +145,22 @@ class GrammarCompiler:
                     ) -> GrammarCompiler:
         """From a .gguf file or a Hugging Face directory (its tokenizer.json)."""
         from engines.llm.tokenizer import Tokenizer
-        text: str | None = None
-        try:
-            if path.is_dir():
-                if (path / "tokenizer.json").is_file():
-                    text = (path / "tokenizer.json").read_text()
-            else:
-                text = Tokenizer.from_gguf(path).backend.to_str()
-        except Exception as exc:          # structured outputs only: the model still serves
-            log.warning("no tokenizer for structured outputs from %s: %s", path, exc)
-        return cls(text, vocab_size, eos_ids)
+
+        def read() -> str | None:
+            try:
+                if path.is_dir():
+                    json_file = path / "tokenizer.json"
+                    return json_file.read_text() if json_file.is_file() else None
+                return Tokenizer.from_gguf(path).backend.to_str()
+            except Exception as exc:      # structured outputs only: the model still serves
+                log.warning("no tokenizer for structured outputs from %s: %s", path, exc)
+                return None
+        return cls(read, vocab_size, eos_ids)
 
     def _llt(self) -> Any:
         if self._tokenizer is None:
+            if self._json is None and self._source is not None:
+                self._json, self._source = self._source(), None
             if self._json is None:
                 raise _bad("this model has no tokenizer Ferry can read, so it cannot be "
                            "constrained")
