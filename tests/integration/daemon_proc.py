@@ -72,6 +72,7 @@ class Daemon:
     extra_config: str = ""          # more TOML tables after the generated ones
     server_extra: str = ""          # more keys inside [server]
     env: dict[str, str] = field(default_factory=dict)
+    drain_grace_s: float = 20
     port: int = 0
     base: Path | None = None
     proc: subprocess.Popen | None = None
@@ -106,7 +107,7 @@ class Daemon:
 host = "127.0.0.1"
 port = {self.port}
 workers = {self.workers}
-drain_grace_s = 20
+drain_grace_s = {self.drain_grace_s}
 {self.server_extra}
 [paths]
 state_dir = "{self.state_dir}"

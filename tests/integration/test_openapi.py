@@ -464,13 +464,13 @@ def _run(case: Any, ferry: SecureDaemon) -> None:
 
 
 @schema.exclude(path=UNFUZZED + LLM_PATHS).parametrize()
-@settings(max_examples=50, **FUZZ)
+@settings(max_examples=25, **FUZZ)
 def test_fuzz_no_server_errors(case, ferry):
     _run(case, ferry)
 
 
 @schema.include(path=LLM_PATHS).parametrize()
-@settings(max_examples=40, **FUZZ)
+@settings(max_examples=20, **FUZZ)
 def test_fuzz_generation_no_server_errors(case, ferry):
     _run(case, ferry)
 

@@ -28,7 +28,7 @@ from tests.integration.secure_daemon import SecureDaemon, call, error_code
 pytestmark = pytest.mark.timeout(240)
 
 WINDOW_S = 3
-GRACE_S = 20                     # daemon_proc's drain_grace_s
+GRACE_S = 6                      # the daemon's drain_grace_s: the SIGTERM test waits it out
 CONFIG = "[auth]\nrequired = true\n"
 SERVER = f"stream_resume_window_s = {WINDOW_S}\nstream_resume_max_kb_per_key = 16384\n"
 SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
@@ -38,7 +38,7 @@ SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 def ferry(demo_models: Path, tmp_path_factory: pytest.TempPathFactory):
     repo = tensor_repo(demo_models, tmp_path_factory, ("smollm2",))
     d = SecureDaemon(repo, workers=2, env={"FERRY_TORCH_THREADS": "1"}, extra_config=CONFIG,
-                     server_extra=SERVER)
+                     server_extra=SERVER, drain_grace_s=GRACE_S)
 
     async def seed(state) -> dict[str, str]:
         return {"a": (await state.keys.create("a")).plaintext}

@@ -231,9 +231,10 @@ def test_an_unresumed_stream_expires_and_its_generation_is_cancelled(ferry):
 
 
 def test_the_per_key_bound_ends_a_stream_with_an_error_event(ferry):
-    # 64 KiB per key: a long stream nobody reads runs into it
+    # 64 KiB per key: a long stream nobody reads runs into it (top logprobs make an event
+    # ~2 KiB, so that takes a few dozen tokens, not hundreds)
     first = Stream(ferry, "POST", "/v1/chat/completions", ferry.keys["b"],
-                   _body(max_tokens=3000))
+                   {**_body(max_tokens=3000), "logprobs": True, "top_logprobs": 20})
     sid = first.resp.getheader("Ferry-Stream-Id")
     first.events(1)
     first.close()
