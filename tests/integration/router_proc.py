@@ -67,10 +67,13 @@ def router_binary(venv: Path = VENV) -> tuple[Path | None, str]:
                                   capture_output=True, text=True)
             if made.returncode != 0:
                 return None, f"python -m venv {venv} failed: {made.stderr[-500:]}"
-        pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-                              "--disable-pip-version-check",
-                              f"{ROUTER_PACKAGE}=={ROUTER_VERSION}"],
-                             capture_output=True, text=True, timeout=900)
+        try:
+            pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                                  "--disable-pip-version-check",
+                                  f"{ROUTER_PACKAGE}=={ROUTER_VERSION}"],
+                                 capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            return None, f"pip install {ROUTER_PACKAGE}=={ROUTER_VERSION} took over 900 s"
         if pip.returncode != 0 or not binary.exists():
             out = pip.stderr or pip.stdout
             errors = [l for l in out.splitlines() if l.startswith("ERROR")] or [out[-800:]]

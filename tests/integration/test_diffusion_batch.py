@@ -9,6 +9,7 @@ import io
 import json
 import urllib.request
 
+import numpy as np
 import pytest
 
 from tests.integration.daemon_proc import Daemon, request_json, wait_until
@@ -74,10 +75,13 @@ def test_image_items_run_and_store_openais_response(ferry):
     seven = rows["seven"]["response"]["body"]
     png = base64.b64decode(seven["data"][0]["b64_json"])
     assert Image.open(io.BytesIO(png)).size == (32, 32)
-    # a direct request with the same seed gives the same bytes
+    # a direct request with the same seed gives the same image: the batch's items ran beside
+    # each other, and rows sharing a forward (batch_invariant off) may move a pixel a level
     status, direct = call(ferry, "POST", IMAGES, digit(7, seed=70, size="32x32"))
     assert status == 200, direct
-    assert direct["data"][0]["b64_json"] == seven["data"][0]["b64_json"]
+    diff = np.abs(np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16) - np.asarray(
+        Image.open(io.BytesIO(base64.b64decode(direct["data"][0]["b64_json"]))), dtype=np.int16))
+    assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
     kserve = rows["kserve"]["response"]["body"]
     assert kserve["outputs"][0]["name"] == "seeds" and kserve["outputs"][0]["data"] == [5, 6, 7]
     assert kserve["usage"]["total_tokens"] == 3       # its images' units, as on the KServe route

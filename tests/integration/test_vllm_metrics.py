@@ -25,13 +25,13 @@ ORCA_TEXT = re.compile(r"^TEXT named_metrics\.kv_cache_usage_perc=([0-9.e-]+), "
                        r"named_metrics\.num_requests_waiting=([0-9.]+)$")
 
 
-def llm_repo(root: Path) -> Path:
+def llm_repo(root: Path, kv_cache_mb: int = 64) -> Path:
     """The demo SmolLM2 with a small batch and KV cache, so queueing and KV use show."""
     version = root / "smollm2" / "1"
     version.mkdir(parents=True)
     (version / SMOLLM2_GGUF).symlink_to(smollm2_gguf().resolve())
     (version / "model.toml").write_text(
-        f'engine = "llm"\nweights = "{SMOLLM2_GGUF}"\n[llm]\nkv_cache_mb = 64\n'
+        f'engine = "llm"\nweights = "{SMOLLM2_GGUF}"\n[llm]\nkv_cache_mb = {kv_cache_mb}\n'
         f"block_size = {BLOCK_SIZE}\nmax_num_seqs = {MAX_NUM_SEQS}\nmax_batched_tokens = 512\n")
     return root
 
