@@ -40,7 +40,7 @@ def _digits_ok(url: str) -> bool:
 
 def _stream(url: str, out: dict) -> None:
     """A greedy SSE completion; records its pieces, finish reason and any error event."""
-    body = {"model": "smollm2", "prompt": "The history of the printing press", "max_tokens": 48,
+    body = {"model": "smollm2", "prompt": "The history of the printing press", "max_tokens": 120,
             "temperature": 0, "ignore_eos": True, "stream": True}
     req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
@@ -68,7 +68,7 @@ def test_tensor_model_serves_while_the_llm_reloads_and_the_stream_continues(ferr
     out: dict = {}
     streamer = threading.Thread(target=_stream, args=(d.url, out))
     streamer.start()
-    wait_until(lambda: len(out.get("pieces", [])) >= 4, 60, "the stream to start")
+    wait_until(lambda: len(out.get("pieces", [])) >= 4, 60, "the stream to start", interval=0.01)
     (engine,) = d.child_pids("engine")
     killed = time.monotonic()
     os.kill(engine, signal.SIGKILL)

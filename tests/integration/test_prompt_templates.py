@@ -174,10 +174,12 @@ def test_chat_appends_the_rendered_message_through_the_openai_client(ferry):
         system = [{"role": "system", "content": "You are terse."}]
         templated = client.chat.completions.create(
             model="smollm2", messages=system, max_tokens=1, temperature=0,
-            extra_body={"prompt_template": {"name": "ask", "variables": {"thing": "rain"}}})
+            extra_body={"prompt_template": {"name": "ask", "variables": {"thing": "rain"}},
+                        "deterministic": True})
+        # deterministic: the second is a prefix-cache hit, which must not move a greedy tie
         explicit = client.chat.completions.create(
-            model="smollm2", max_tokens=1, temperature=0, messages=[
-                *system, {"role": "user", "content": "Answer briefly: what is rain?"}])
+            model="smollm2", max_tokens=1, temperature=0, extra_body={"deterministic": True},
+            messages=[*system, {"role": "user", "content": "Answer briefly: what is rain?"}])
         assert templated.usage.prompt_tokens == explicit.usage.prompt_tokens
         assert templated.choices[0].message.content == explicit.choices[0].message.content
         alone = client.chat.completions.create(
