@@ -339,7 +339,7 @@ class Placement(Message):
     epoch: int
     engines: dict[str, Any]
     models: dict[str, Any]
-    state: str = "starting"          # starting | ready | degraded | draining
+    state: str = "starting"          # starting | opening | ready | degraded | draining
     config: dict[str, Any] = field(default_factory=dict)   # hot-reloadable frontend settings
     regions: list[dict[str, Any]] = field(default_factory=list)   # registered client regions
 

@@ -103,10 +103,13 @@ class Supervisor:
         try:
             self.notifier.status("starting engines")
             await self._start_engines()
+            # The frontends import and set up beside the loads; they listen once the state
+            # leaves "starting" (Dispatcher.until_serving).
+            self._start_frontends()
             self.notifier.status("loading models")
             await self.apply_repository()
             self.notifier.status("starting frontends")
-            self._start_frontends()
+            self._set_state("opening")
             tasks.append(asyncio.create_task(self._watch_loop()))
             tasks.append(asyncio.create_task(self._watchdog_loop()))
             tasks.append(asyncio.create_task(self._poll_loop()))
@@ -606,7 +609,7 @@ class Supervisor:
             return
         while True:
             await asyncio.sleep(interval)
-            if self.state == "starting":
+            if self.state in ("starting", "opening"):
                 continue   # systemd hears READY=1 first; start-up has its own timeout
             try:
                 await asyncio.gather(*(self.engine_call(eid, P.StatsQuery(uuid.uuid4().hex),

@@ -180,6 +180,21 @@ class Dispatcher:
             except asyncio.TimeoutError:
                 pass
 
+    async def until_serving(self, stop: asyncio.Event) -> bool:
+        """Wait until the supervisor has loaded its startup models (its state leaves
+        "starting"): a frontend spawned beside those loads sets itself up meanwhile and starts
+        listening only then, so a client never meets a port that knows no models yet. False
+        when `stop` is set first."""
+        while self.placement is None or self.placement.state == "starting":
+            if stop.is_set():
+                return False
+            self.placement_changed.clear()
+            try:
+                await asyncio.wait_for(self.placement_changed.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+        return True
+
     async def close(self) -> None:
         if self._sub is not None:
             asyncio.get_running_loop().remove_reader(self._sub.fileno())

@@ -89,6 +89,8 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
                                 shutdown_timeout=args["drain_grace_s"], access_log=None,
                                 handle_signals=False)
         await runner.setup()
+        if not await dispatcher.until_serving(stop):
+            return
         sock = bind_socket(args["host"], args["port"])
         await web.SockSite(runner, sock).start()
         await dispatcher.control("frontend_ready", {"role": f"http{args['worker']}"})

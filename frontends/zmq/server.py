@@ -302,6 +302,8 @@ async def _serve(args: dict[str, Any], stop: asyncio.Event) -> None:
         access = await Access.open(AccessSettings.from_args(args))
         d.config_listeners.append(lambda config: access.reconfigure(config.get("auth") or {}))
         await d.start()
+        if not await d.until_serving(stop):
+            return
         sock.bind(args["bind"])
         if args["bind"].startswith("ipc://"):
             # UMask=0077 under systemd: let local clients in the service's group connect.
