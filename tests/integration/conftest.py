@@ -21,9 +21,7 @@ def tensor_repo(demo_models: Path, tmp_path_factory: pytest.TempPathFactory,
 def daemon(demo_models: Path, tmp_path_factory: pytest.TempPathFactory):
     d = Daemon(tensor_repo(demo_models, tmp_path_factory)).start()
     yield d
-    code = d.stop()
-    assert code == 0, d.log()[-4000:]
-    assert not orphan_segments(), "shared-memory segments leaked"
+    stopped_cleanly(d)
 
 
 # The tiny random Stable Diffusion pipeline (engines/diffusion/tiny.py) as the diffusion test
@@ -38,7 +36,8 @@ max_size = 64
 """
 
 
-def _stopped_cleanly(d: Daemon) -> None:
+def stopped_cleanly(d: Daemon) -> None:
+    """Stop `d`; it exited 0 and left no shared-memory segment behind."""
     code = d.stop()
     assert code == 0, d.log()[-4000:]
     assert not orphan_segments(), "shared-memory segments leaked"
@@ -55,7 +54,7 @@ def tiny_sd_daemon(tmp_path_factory: pytest.TempPathFactory):
     (repo / "tiny" / "1" / "model.toml").write_text(TINY_SD_TOML)
     d = Daemon(repo, workers=1, env={"OMP_NUM_THREADS": "1"}).start(timeout_s=180)
     yield d
-    _stopped_cleanly(d)
+    stopped_cleanly(d)
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +64,7 @@ def digits_diffusion_daemon(demo_models: Path, tmp_path_factory: pytest.TempPath
     d = Daemon(tensor_repo(demo_models, tmp_path_factory, ("digits", "digits-diffusion")),
                workers=1).start(timeout_s=180)
     yield d
-    _stopped_cleanly(d)
+    stopped_cleanly(d)
 
 
 @pytest.fixture(scope="module")

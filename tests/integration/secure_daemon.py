@@ -15,6 +15,12 @@ from typing import Any
 from tests.integration.daemon_proc import REPO, Daemon, free_port
 
 
+async def admin_and_infer_keys(state) -> dict[str, str]:
+    """For `SecureDaemon.state`: an "admin" and an "infer" key, each with only its scope."""
+    return {"admin": (await state.keys.create("admin", scopes=["admin"])).plaintext,
+            "infer": (await state.keys.create("infer", scopes=["infer"])).plaintext}
+
+
 @dataclass
 class SecureDaemon(Daemon):
     log_bodies: bool = False

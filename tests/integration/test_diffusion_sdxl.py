@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.integration.conftest import _stopped_cleanly
+from tests.integration.conftest import stopped_cleanly
 from tests.integration.daemon_proc import Daemon, http_get, request_json
 
 pytest.importorskip("diffusers")
@@ -48,7 +48,7 @@ def ferry(pipeline_dir, tmp_path_factory):
     d = Daemon(repo, workers=1, env={"OMP_NUM_THREADS": "1"},
                extra_config='[repository]\ncontrol_mode = "explicit"\n').start(timeout_s=180)
     yield d
-    _stopped_cleanly(d)
+    stopped_cleanly(d)
 
 
 def post(d: Daemon, path: str, body: dict | None) -> tuple[int, dict]:

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import tensor_repo
-from tests.integration.daemon_proc import orphan_segments
-from tests.integration.secure_daemon import SecureDaemon, call, error_code
+from tests.integration.conftest import stopped_cleanly, tensor_repo
+from tests.integration.secure_daemon import SecureDaemon, admin_and_infer_keys, call, error_code
 from tests.integration.worker_conn import on_worker
 
 pytestmark = pytest.mark.timeout(240)
@@ -24,17 +23,10 @@ CONFIG = ("[auth]\nrequired = true\n[templates]\nmax_source_chars = 4000\n"
 def ferry(demo_models, tmp_path_factory):
     d = SecureDaemon(tensor_repo(demo_models, tmp_path_factory, ("smollm2",)), workers=2,
                      extra_config=CONFIG, env={"FERRY_TORCH_THREADS": "1"})
-    d.prepare()
-
-    async def seed(state):
-        return {"admin": (await state.keys.create("admin", scopes=["admin"])).plaintext,
-                "infer": (await state.keys.create("infer", scopes=["infer"])).plaintext}
-    d.keys = d.state(seed)
+    d.keys = d.state(admin_and_infer_keys)
     d.start()
     yield d
-    code = d.stop()
-    assert code == 0, d.log()[-4000:]
-    assert not orphan_segments(), "shared-memory segments leaked"
+    stopped_cleanly(d)
 
 
 def admin(d, method, path, body=None, **kw):
